@@ -1,0 +1,93 @@
+"""``cleanloop <step> [hydra overrides]``: every step is a Hydra app over conf/ (version_base 1.3)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+STEPS = {
+    "demo-data": "cleanloop.steps.demo_data",
+    "oof": None,
+    "flag": None,
+    "prune": None,
+    "train": "cleanloop.steps.train",
+    "compare": None,
+    "cycle": None,
+}
+
+USAGE = """usage: cleanloop <step> [hydra overrides] [-m for a multirun]
+
+steps: {steps}
+examples:
+  cleanloop train model=tiny trainer=cpu
+  cleanloop train data=manifest data.manifest=/data/train.csv model=medsiglip trainer=gpu
+  cleanloop flag -m flag.filter_by=prune_by_noise_rate,both
+  cleanloop train --cfg job          # print the composed config
+"""
+
+
+def quiet_libraries() -> None:
+    """Silence third-party chatter that says nothing about the user's run."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def run_step(step: str, cfg):
+    """Run one step on a composed config; user-facing errors become one line and exit 1."""
+    from cleanloop.errors import CleanloopError
+
+    module = importlib.import_module(STEPS[step])
+    try:
+        return module.run(cfg)
+    except CleanloopError as e:
+        logging.getLogger("cleanloop").debug("error", exc_info=True)
+        print(f"cleanloop {step}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format(steps=" | ".join(STEPS)))
+        sys.exit(0 if argv else 2)
+    step = argv.pop(0)
+    if step not in STEPS:
+        print(f"cleanloop: unknown step {step!r}; choose one of {', '.join(STEPS)}", file=sys.stderr)
+        sys.exit(2)
+    if STEPS[step] is None:
+        print(f"cleanloop {step}: not built yet", file=sys.stderr)
+        sys.exit(2)
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
+    import hydra
+    from omegaconf import DictConfig
+
+    from cleanloop.config import conf_dir, register_resolvers
+
+    register_resolvers()
+
+    @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+    def app(cfg: DictConfig):
+        return run_step(step, cfg)
+
+    # Hydra parses sys.argv; the step name becomes the job name (log file, run folder).
+    sys.argv = [f"cleanloop-{step}", f"step={step}", f"hydra.job.name={step}", *argv]
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Images from a manifest into batches: PIL decode, pad to square, resize; batched augmentation.
+
+``ImageDataset`` yields ``{"pixel_values", "label", "image_uuid"}``; ``ManifestDataModule``
+wraps the train / val / test / predict splits for Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+from cleanloop.errors import CleanloopError
+
+
+def load_image(path: str) -> Image.Image:
+    """Decode to upright RGB: EXIF orientation applied; grayscale, palette, RGBA, CMYK converted."""
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode == "I;16" or img.mode == "I":  # 16-bit grayscale: scale to 8 bits
+                arr = np.asarray(img, dtype=np.float32)
+                img = Image.fromarray((arr / max(float(arr.max()), 1.0) * 255.0).astype(np.uint8))
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise CleanloopError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """Pad the short side symmetrically so nothing is cropped away."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+class ImageTransform:
+    """PIL image -> uint8 tensor (3, S, S): pad to square, resize. Deterministic, so cacheable.
+
+    Augmentation is not done here but on whole batches on the model's device
+    (:func:`augment_batch`), and normalisation happens in the model: batches travel as uint8,
+    a quarter of the bytes of float32, and the per-image CPU work stays small.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = pad_to_square(img).resize((self.size, self.size), Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def augment_batch(
+    x: torch.Tensor, *, hflip: bool = False, max_rotation: float = 0.0, crop_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random crop-and-resize, rotation and flip of a (B, C, S, S) batch in one affine resample.
+
+    Each image gets its own draw: a zoom keeping a side fraction in [crop_scale, 1] at a
+    random offset, a rotation in [-max_rotation, max_rotation] degrees, and a horizontal flip
+    with probability 0.5 when ``hflip``. Returns float values on the input's scale.
+    """
+    b = x.shape[0]
+    dev = x.device
+    rand = lambda: torch.rand(b, generator=generator).to(dev)  # noqa: E731  (CPU generator, any device)
+    x = x.float()
+    scale = crop_scale + (1.0 - crop_scale) * rand()
+    angle = torch.deg2rad((rand() * 2 - 1) * max_rotation)
+    flip = torch.where(rand() < 0.5, -1.0, 1.0) if hflip else torch.ones(b, device=dev)
+    shift = (1.0 - scale)
+    tx, ty = (rand() * 2 - 1) * shift, (rand() * 2 - 1) * shift
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class MemoryCache:
+    """Decoded, resized uint8 images kept in this process up to a byte budget (first come, first kept).
+
+    Small datasets (the demo, tests) decode each image once per process instead of once per
+    epoch and fold. With DataLoader workers each worker holds its own copy.
+    """
+
+    def __init__(self, budget_mb: float = 0.0):
+        self.budget = int(budget_mb * 2**20)
+        self.used = 0
+        self.items: dict[tuple[str, int], torch.Tensor] = {}
+
+    def get(self, path: str, transform: ImageTransform) -> torch.Tensor:
+        key = (path, transform.size)
+        x = self.items.get(key)
+        if x is None:
+            x = transform(load_image(path))
+            if self.used + x.numel() <= self.budget:
+                self.items[key] = x
+                self.used += x.numel()
+        return x
+
+
+_MEMORY_CACHE = MemoryCache()
+
+
+def set_memory_cache(budget_mb: float) -> MemoryCache:
+    """Resize the process-wide image cache (``data.memory_cache_mb``); 0 turns it off."""
+    _MEMORY_CACHE.budget = int(budget_mb * 2**20)
+    return _MEMORY_CACHE
+
+
+class ImageDataset(Dataset):
+    """Rows of a manifest: ``abs_path``, ``image_uuid`` and a class index (-1 when unlabelled)."""
+
+    def __init__(self, paths: Sequence[str], uuids: Sequence[str], labels: Sequence[int],
+                 transform: ImageTransform):
+        self.paths, self.uuids = list(paths), list(uuids)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "pixel_values": _MEMORY_CACHE.get(self.paths[i], self.transform),
+            "label": int(self.labels[i]),
+            "image_uuid": self.uuids[i],
+        }
+
+
+def make_dataset(df: pd.DataFrame, classes: Sequence[str], transform) -> ImageDataset:
+    index = {c: i for i, c in enumerate(classes)}
+    labels = df["label"].map(index).fillna(-1).astype(int).to_numpy()
+    return ImageDataset(df["abs_path"].tolist(), df["image_uuid"].tolist(), labels, transform)
+
+
+class ManifestDataModule(L.LightningDataModule):
+    """Train / val / predict loaders over manifest rows.
+
+    ``predict`` holds any number of named frames (held-out fold, test split, ...); Lightning's
+    ``trainer.predict`` runs them in order and returns one list per loader.
+    """
+
+    def __init__(
+        self,
+        train: pd.DataFrame | None,
+        classes: Sequence[str],
+        *,
+        image_size: int,
+        batch_size: int,
+        val: pd.DataFrame | None = None,
+        predict: dict[str, pd.DataFrame] | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        self.classes = list(classes)
+        self.frames = {"train": train, "val": val}
+        self.predict_frames = dict(predict or {})
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.transform = ImageTransform(image_size)
+
+    def _loader(self, df: pd.DataFrame, *, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            make_dataset(df, self.classes, self.transform),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.frames["train"], shuffle=True)
+
+    def val_dataloader(self):
+        if self.frames["val"] is None or self.frames["val"].empty:
+            return []
+        return self._loader(self.frames["val"], shuffle=False)
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return [self._loader(df, shuffle=False) for df in self.predict_frames.values()]
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.frames["train"]) / self.batch_size)

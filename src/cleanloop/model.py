@@ -1,0 +1,195 @@
+"""The classifier: a transformers SigLIP vision tower plus a linear head, as a LightningModule.
+
+``load_backbone`` is the one way weights enter cleanloop: ``from_pretrained`` on a hub id or
+a local folder. The tiny CPU model is built from a config, saved with ``save_pretrained`` and
+loaded back through the same call, so tests exercise the real path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cleanloop.config import short_hash, to_container
+from cleanloop.data import augment_batch
+from cleanloop.errors import CleanloopError
+
+log = logging.getLogger(__name__)
+
+HEADS = ("softmax", "sigmoid")
+
+
+def build_tiny(config: dict, out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Random-init SiglipVisionModel from ``config`` kwargs, saved with save_pretrained; returns its folder."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    out_dir = Path(out_dir) / f"siglip-{short_hash({'config': config, 'seed': seed})}"
+    if not (out_dir / "config.json").is_file():
+        torch.manual_seed(seed)
+        model = SiglipVisionModel(SiglipVisionConfig(**config))
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        model.save_pretrained(tmp)
+        tmp.rename(out_dir)  # a crash mid-save never leaves a folder that looks complete
+    return out_dir
+
+
+def load_backbone(name_or_path: str | Path, *, attn_implementation: str | None = "sdpa") -> nn.Module:
+    """``SiglipVisionModel.from_pretrained`` on a hub id (e.g. google/medsiglip-448) or a local folder.
+
+    A full SigLIP checkpoint (vision + text) loads its vision tower only. Without network or
+    access the error says how to supply the weights.
+    """
+    from transformers import SiglipVisionModel
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        return SiglipVisionModel.from_pretrained(str(name_or_path), **kwargs)
+    except (OSError, ValueError) as e:
+        if Path(str(name_or_path)).exists():
+            raise CleanloopError(
+                f"model.name_or_path={name_or_path}: not a loadable SigLIP folder ({e.__class__.__name__}); "
+                "it needs config.json and model.safetensors from save_pretrained"
+            ) from e
+        raise CleanloopError(
+            f"model.name_or_path={name_or_path}: weights not found locally and the Hugging Face hub is not "
+            "reachable or access is not granted; run `huggingface-cli login` after accepting the model's "
+            "licence on the hub, or download it once and set model.name_or_path=/path/to/local/folder"
+        ) from e
+
+
+def backbone_from_config(model_cfg, *, cache_dir: str | Path, seed: int) -> nn.Module:
+    """Resolve ``model.name_or_path`` (building the tiny model when it is null) and load it."""
+    name_or_path = model_cfg.name_or_path
+    if name_or_path is None:
+        if model_cfg.config is None:
+            raise CleanloopError("model: set model.name_or_path (hub id or folder) or model.config")
+        name_or_path = build_tiny(to_container(model_cfg.config), Path(cache_dir) / "models", seed=seed)
+    return load_backbone(name_or_path, attn_implementation=model_cfg.get("attn_implementation"))
+
+
+class Classifier(L.LightningModule):
+    """Vision backbone -> pooled embedding -> linear head over K classes.
+
+    ``head="softmax"`` trains with cross-entropy; ``head="sigmoid"`` with one-vs-rest BCE (the
+    team's deployed model). ``predict_step`` returns ``{"image_uuid": [...], "probs": (B, K)}``:
+    softmax probabilities, or per-class sigmoid scores that need not sum to one.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        classes: Sequence[str],
+        *,
+        head: str = "softmax",
+        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+        lr: float = 1e-3,
+        head_lr: float | None = None,
+        warmup_fraction: float = 0.0,
+        augment: dict | None = None,
+    ):
+        super().__init__()
+        if head not in HEADS:
+            raise CleanloopError(f"recipe.head={head!r}: must be one of {', '.join(HEADS)}")
+        self.backbone = backbone
+        self.classes = list(classes)
+        self.head_kind = head
+        self.head = nn.Linear(backbone.config.hidden_size, len(self.classes))
+        # uint8 pixels are scaled and normalised here, on the model's device.
+        self.register_buffer("mean", torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0,
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0,
+                             persistent=False)
+        self.optimizer_factory = optimizer or torch.optim.AdamW
+        self.scheduler_factory = scheduler
+        self.lr, self.head_lr, self.warmup_fraction = lr, head_lr, warmup_fraction
+        self.augment = dict(augment or {})
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone embedding of a uint8 (B, 3, S, S) batch (float input is taken as 0..255)."""
+        x = (pixel_values.float() - self.mean) / self.std
+        return self.backbone(pixel_values=x).pooler_output
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(pixel_values))
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        return torch.sigmoid(logits) if self.head_kind == "sigmoid" else logits.softmax(-1)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.head_kind == "sigmoid":
+            target = F.one_hot(labels, len(self.classes)).to(logits.dtype)
+            return F.binary_cross_entropy_with_logits(logits, target)
+        return F.cross_entropy(logits, labels)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x = batch["pixel_values"]
+        if self.augment:  # train-time augmentation on the whole batch, on the device
+            x = augment_batch(x, **self.augment)
+        logits = self(x)
+        loss = self.loss(logits, batch["label"])
+        acc = (logits.argmax(-1) == batch["label"]).float().mean()
+        n = len(batch["label"])
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=n)
+        self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch["pixel_values"])
+        n = len(batch["label"])
+        self.log("val/loss", self.loss(logits, batch["label"]), batch_size=n, sync_dist=True)
+        self.log("val/acc", (logits.argmax(-1) == batch["label"]).float().mean(), batch_size=n, sync_dist=True)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        return {"image_uuid": list(batch["image_uuid"]), "probs": self.probs(self(batch["pixel_values"])).cpu()}
+
+    def configure_optimizers(self):
+        groups = [
+            {"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": self.lr},
+            {"params": list(self.head.parameters()), "lr": self.head_lr or self.lr},
+        ]
+        optimizer = self.optimizer_factory(groups, lr=self.lr)
+        if self.scheduler_factory is None:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(
+            optimizer, num_warmup_steps=int(self.warmup_fraction * total), num_training_steps=total
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- saving: a plain folder (backbone via save_pretrained, head as safetensors), no pickle --
+
+    def save(self, out_dir: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        self.backbone.save_pretrained(out_dir / "backbone")
+        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, out_dir / "head.safetensors")
+        meta = {"classes": self.classes, "head": self.head_kind,
+                "image_mean": (self.mean.flatten() / 255.0).tolist(), "image_std": (self.std.flatten() / 255.0).tolist()}
+        (out_dir / "cleanloop.json").write_text(json.dumps(meta, indent=2))
+        return out_dir
+
+    @classmethod
+    def load(cls, model_dir: str | Path, *, attn_implementation: str | None = "sdpa") -> Classifier:
+        from safetensors.torch import load_file
+
+        model_dir = Path(model_dir)
+        meta_path = model_dir / "cleanloop.json"
+        if not meta_path.is_file():
+            raise CleanloopError(f"{model_dir}: not a cleanloop model folder (no cleanloop.json); use train/<role>/model")
+        meta = json.loads(meta_path.read_text())
+        model = cls(load_backbone(model_dir / "backbone", attn_implementation=attn_implementation),
+                    meta["classes"], head=meta["head"], image_mean=meta["image_mean"], image_std=meta["image_std"])
+        model.head.load_state_dict(load_file(model_dir / "head.safetensors"))
+        return model

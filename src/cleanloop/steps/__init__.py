@@ -1,0 +1,1 @@
+"""One module per CLI step; each exposes ``run(cfg)``. Only these read files, write files and talk to MLflow."""

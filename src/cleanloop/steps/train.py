@@ -1,0 +1,96 @@
+"""``cleanloop train role=baseline|cleaned``: fit the recipe, evaluate on test, log to MLflow.
+
+``baseline`` trains on the input manifest, ``cleaned`` on ``prune/cleaned_manifest.<ext>``;
+the recipe, seed and test split are identical, and the run tags say so
+(``cleanloop.recipe``, ``cleanloop.data``, ``cleanloop.test``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from cleanloop.config import file_hash, short_hash
+from cleanloop.errors import CleanloopError
+from cleanloop.io import write_atomic, write_json
+from cleanloop.metrics import classification_metrics
+from cleanloop.steps.common import input_manifest_path, load_input, out_path
+from cleanloop.tracking import log_artifact_files, log_classification, log_key_mapping, step_run
+from cleanloop.training import fit_predict
+
+log = logging.getLogger(__name__)
+
+ROLES = ("baseline", "cleaned")
+
+
+def recipe_hash(cfg: DictConfig) -> str:
+    """What makes two trainings the same recipe: model, recipe (seed included) and numeric precision."""
+    return short_hash({"model": cfg.model, "recipe": cfg.recipe, "precision": cfg.trainer.precision})
+
+
+def split_hash(df: pd.DataFrame) -> str:
+    rows = sorted(zip(df["image_uuid"], df["label"], strict=True))
+    return short_hash(rows)
+
+
+def cleaned_manifest_path(cfg: DictConfig) -> Path:
+    found = sorted(out_path(cfg, "prune").glob("cleaned_manifest.*"))
+    if not found:
+        raise CleanloopError(
+            f"{out_path(cfg, 'prune')}: no cleaned_manifest yet; run `cleanloop prune` (or `make prune`) first"
+        )
+    return found[0]
+
+
+def probs_frame(uuids: list[str], labels: list[str], probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    df = pd.DataFrame({"image_uuid": uuids, "label": labels,
+                       "predicted_label": np.asarray(classes)[probs.argmax(1)]})
+    return pd.concat([df, pd.DataFrame(probs, columns=classes)], axis=1)
+
+
+def run(cfg: DictConfig) -> dict:
+    role = cfg.role
+    if role not in ROLES:
+        raise CleanloopError(f"role={role!r}: must be one of {', '.join(ROLES)}")
+    source = load_input(cfg)
+    path = source.source if role == "baseline" else cleaned_manifest_path(cfg)
+    m = source if role == "baseline" else load_input(cfg, path)
+    classes = source.classes  # the cleaned run keeps the input's class order even if a class shrank
+    test, val = m.split("test"), m.split("val")
+    if test.empty:
+        raise CleanloopError(f"{path}: no rows with split == 'test'; train evaluates on the test split")
+    out_dir = out_path(cfg, "train", role)
+    tags = {
+        "cleanloop.role": role,
+        "cleanloop.recipe": recipe_hash(cfg),
+        "cleanloop.data": file_hash(path),
+        "cleanloop.test": split_hash(test),
+        "cleanloop.seed": str(cfg.recipe.seed),
+        "cleanloop.input": str(input_manifest_path(cfg).resolve()),
+    }
+    with step_run(cfg, "train", run_name=f"train-{role}", tags=tags) as run:
+        log.info("train %s: %d train rows, %d val, %d test, %d classes (%s)",
+                 role, len(m.train), len(val), len(test), len(classes), path)
+        module, preds = fit_predict(cfg, classes, m.train, predict_frames={"test": test}, val=val,
+                                    log_prefix=f"[{role}] ")
+        uuids, probs = preds["test"]
+        labels = test["label"].tolist()
+        index = {c: i for i, c in enumerate(classes)}
+        metrics = classification_metrics(np.array([index[c] for c in labels]), probs.argmax(1), classes=classes)
+        metrics = {"role": role, "run_id": run.info.run_id, "classes": classes, **metrics}
+        write_json(out_dir / "metrics.json", metrics)
+        write_atomic(out_dir / "test_predictions.parquet",
+                     lambda p: probs_frame(uuids, labels, probs, classes).to_parquet(p, index=False))
+        module.save(out_dir / "model")
+        log_classification(metrics, "test")
+        log_key_mapping(classes)
+        log_artifact_files([out_dir / "metrics.json", out_dir / "test_predictions.parquet"])
+        mlflow.log_text(OmegaConf.to_yaml(cfg.recipe, resolve=True), "recipe.yaml")
+    log.info("train %s: test top1=%.4f balanced_accuracy=%.4f f1_macro=%.4f -> %s (run %s)",
+             role, metrics["top1"], metrics["balanced_accuracy"], metrics["f1_macro"], out_dir, run.info.run_id)
+    return metrics

@@ -1,0 +1,127 @@
+"""MLflow plumbing (CONTRACT §4): the store, the experiment, one run per step, safe metric keys.
+
+Steps open their run with :func:`step_run`; inside ``cleanloop cycle`` it nests under the
+cycle's parent run automatically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+
+from cleanloop.errors import CleanloopError
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+_KEY_OK = re.compile(r"[^A-Za-z0-9_\-. /]")  # what MLflow accepts in metric and param keys
+
+
+def metric_key(name: str) -> str:
+    """A class name made safe for an MLflow key (unsupported characters become ``_``)."""
+    return _KEY_OK.sub("_", str(name)).strip() or "_"
+
+
+def key_mapping(classes) -> dict[str, str]:
+    """{class name: MLflow key} for the classes whose key differs from the name."""
+    return {c: metric_key(c) for c in classes if metric_key(c) != c}
+
+
+def setup(tracking_cfg) -> str:
+    """Point MLflow at the configured store and return the experiment id (created with the UI tag)."""
+    uri = str(tracking_cfg.uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    name = tracking_cfg.experiment
+    try:
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            local = uri.startswith("sqlite:") or uri.startswith("file:")
+            artifact_location = (
+                Path(tracking_cfg.artifact_root).joinpath(name).as_uri()
+                if local and tracking_cfg.get("artifact_root")
+                else None
+            )
+            exp_id = mlflow.create_experiment(
+                name,
+                artifact_location=artifact_location,
+                tags={EXPERIMENT_KIND_TAG: "custom_model_development"},
+            )
+        else:
+            exp_id = exp.experiment_id
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != "custom_model_development":
+                mlflow.MlflowClient().set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+    except mlflow.exceptions.MlflowException as e:
+        raise CleanloopError(f"tracking.uri={uri}: cannot reach the MLflow store ({e.message.splitlines()[0]})") from e
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def _flat_params(cfg: DictConfig) -> dict[str, str]:
+    # The knobs a reader compares runs by; the full resolved config is logged as an artifact.
+    container = OmegaConf.to_container(cfg, resolve=True)
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = str(node)[:500]
+
+    for group in ("data", "model", "recipe", "oof", "flag", "prune", "compare"):
+        if group in container:
+            walk(group, container[group])
+    out["trainer.precision"] = str(container.get("trainer", {}).get("precision"))
+    return {k: v for k, v in out.items() if not k.startswith(("data.demo", "model.config"))}
+
+
+@contextmanager
+def step_run(cfg: DictConfig, step: str, *, run_name: str | None = None, tags: dict | None = None,
+             log_params: bool = True) -> Iterator[mlflow.ActiveRun]:
+    """Open the MLflow run of one step (nested when a parent run is active); log tags and config."""
+    setup(cfg.tracking)
+    nested = mlflow.active_run() is not None
+    name = run_name or cfg.tracking.get("run_name") or step
+    all_tags = {"cleanloop.step": step, **(tags or {})}
+    with mlflow.start_run(run_name=name, nested=nested, tags=all_tags) as run:
+        if log_params:
+            mlflow.log_params(_flat_params(cfg))
+        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        yield run
+
+
+def log_artifact_files(paths, artifact_path: str | None = None) -> None:
+    for p in paths:
+        if p is not None and Path(p).is_file():
+            mlflow.log_artifact(str(p), artifact_path=artifact_path)
+
+
+def log_key_mapping(classes) -> None:
+    mapping = key_mapping(classes)
+    if mapping:
+        mlflow.log_dict(mapping, "class_keys.json")
+
+
+def log_classification(metrics: dict, prefix: str = "test") -> None:
+    """Log top1 / balanced accuracy / macro F1 and per-class recall and F1 under ``prefix/``."""
+    values = {f"{prefix}/{k}": metrics[k] for k in ("top1", "balanced_accuracy", "f1_macro")}
+    for c, m in metrics["per_class"].items():
+        values[f"{prefix}/recall/{metric_key(c)}"] = m["recall"]
+        values[f"{prefix}/f1/{metric_key(c)}"] = m["f1"]
+    mlflow.log_metrics(values)
+
+
+def download_json(run_id: str, artifact: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=tmp)
+        return json.loads(Path(path).read_text())

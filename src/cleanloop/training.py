@@ -1,0 +1,130 @@
+"""The one training recipe every step uses: seed, build, fit, predict.
+
+``fit_predict`` trains the configured recipe on some manifest rows and returns the model and
+its probabilities on any number of named row sets. ``train`` (baseline / cleaned) and each
+``oof`` fold call it, so they are the same recipe by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+
+import hydra
+import lightning as L
+import mlflow
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from cleanloop.data import ManifestDataModule, set_memory_cache
+from cleanloop.model import Classifier, backbone_from_config
+
+log = logging.getLogger(__name__)
+
+
+class EpochLog(L.Callback):
+    """One log line and one batch of MLflow metrics per epoch (the progress bar is off on CPU)."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        epoch = trainer.current_epoch
+        log.info("%sepoch %d/%d %s", self.prefix, epoch + 1, trainer.max_epochs,
+                 " ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
+        if mlflow.active_run() is not None:
+            mlflow.log_metrics(values, step=epoch)
+
+
+def build_module(cfg: DictConfig, classes: Sequence[str]) -> Classifier:
+    recipe = cfg.recipe
+    return Classifier(
+        backbone_from_config(cfg.model, cache_dir=cfg.paths.cache_dir, seed=recipe.seed),
+        classes,
+        head=recipe.head,
+        image_mean=list(cfg.model.image_mean),
+        image_std=list(cfg.model.image_std),
+        optimizer=hydra.utils.instantiate(recipe.optimizer),
+        scheduler=hydra.utils.instantiate(recipe.scheduler) if recipe.get("scheduler") else None,
+        lr=recipe.lr,
+        head_lr=recipe.get("head_lr"),
+        warmup_fraction=recipe.get("warmup_fraction", 0.0),
+        augment=OmegaConf.to_container(recipe.augment, resolve=True) if recipe.get("augment") else None,
+    )
+
+
+def make_datamodule(cfg: DictConfig, classes: Sequence[str], train: pd.DataFrame | None, *,
+                    val: pd.DataFrame | None = None, predict: dict | None = None) -> ManifestDataModule:
+    set_memory_cache(cfg.data.get("memory_cache_mb", 0))
+    return ManifestDataModule(
+        train,
+        classes,
+        image_size=cfg.model.image_size,
+        batch_size=cfg.recipe.batch_size,
+        val=val,
+        predict=predict,
+        num_workers=cfg.data.num_workers,
+        pin_memory=cfg.data.pin_memory,
+    )
+
+
+def make_trainer(cfg: DictConfig, *, callbacks: list | None = None, root_dir: str | None = None,
+                 validate: bool = False) -> L.Trainer:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if not validate:
+        kwargs["limit_val_batches"] = 0
+    return L.Trainer(
+        **kwargs,
+        max_epochs=cfg.recipe.epochs,
+        logger=False,  # cleanloop logs to MLflow itself, nested under the step's run
+        enable_checkpointing=False,
+        callbacks=callbacks or [],
+        default_root_dir=root_dir,
+        num_sanity_val_steps=0,
+    )
+
+
+def collect(outputs: list[dict]) -> tuple[list[str], np.ndarray]:
+    """Concatenate predict_step outputs into (image_uuids, probs of shape (N, K))."""
+    uuids = [u for batch in outputs for u in batch["image_uuid"]]
+    probs = np.concatenate([batch["probs"].float().numpy() for batch in outputs], axis=0)
+    return uuids, probs
+
+
+def predict(cfg: DictConfig, module: Classifier, frames: dict[str, pd.DataFrame]) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Probabilities of ``module`` on each named frame (eval transform, no augmentation)."""
+    if not frames:
+        return {}
+    dm = make_datamodule(cfg, module.classes, None, predict=frames)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = make_trainer(cfg, root_dir=tmp).predict(module, datamodule=dm)
+    if len(frames) == 1:
+        out = [out]
+    return {name: collect(o) for name, o in zip(frames, out, strict=True)}
+
+
+def fit_predict(
+    cfg: DictConfig,
+    classes: Sequence[str],
+    train: pd.DataFrame,
+    *,
+    predict_frames: dict[str, pd.DataFrame] | None = None,
+    val: pd.DataFrame | None = None,
+    log_prefix: str = "",
+) -> tuple[Classifier, dict[str, tuple[list[str], np.ndarray]]]:
+    """Train the recipe on ``train`` rows, then predict each of ``predict_frames``."""
+    L.seed_everything(cfg.recipe.seed, workers=True, verbose=False)
+    module = build_module(cfg, classes)
+    module.train()  # from_pretrained hands back eval mode
+    dm = make_datamodule(cfg, classes, train, val=val)
+    has_val = val is not None and not val.empty
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(cfg, callbacks=[EpochLog(log_prefix)], root_dir=tmp, validate=has_val)
+        trainer.fit(module, datamodule=dm)
+    module.eval()
+    return module, predict(cfg, module, predict_frames or {})
