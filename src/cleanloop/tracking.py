@@ -125,3 +125,35 @@ def download_json(run_id: str, artifact: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=tmp)
         return json.loads(Path(path).read_text())
+
+
+def runs_page_url(host: str, experiment_id: str) -> str:
+    """The MLflow UI's runs table (not the GenAI traces page MLflow 3 opens by default)."""
+    return f"{host.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def compare_runs_url(host: str, experiment_id: str, run_ids: list[str]) -> str:
+    """MLflow's side-by-side compare view of ``run_ids``."""
+    ids = ",".join(f"%22{r}%22" for r in run_ids)
+    return f"{host.rstrip('/')}/#/compare-runs?runs=[{ids}]&experiments=[%22{experiment_id}%22]"
+
+
+def _main() -> None:  # `python -m cleanloop.tracking`: print the UI link for `make ui`
+    import argparse
+
+    p = argparse.ArgumentParser(description="print the MLflow UI link to cleanloop's runs table")
+    p.add_argument("--uri", required=True)
+    p.add_argument("--experiment", default="cleanloop")
+    p.add_argument("--port", type=int, default=5000)
+    a = p.parse_args()
+    mlflow.set_tracking_uri(a.uri)
+    exp = mlflow.get_experiment_by_name(a.experiment)
+    host = f"http://127.0.0.1:{a.port}"
+    if exp is None:
+        print(f"MLflow UI: {host} (no '{a.experiment}' experiment yet: run `make cycle` first)")
+    else:
+        print(f"MLflow UI, cleanloop runs: {runs_page_url(host, exp.experiment_id)}")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,75 @@
+# cleanloop: `make cycle` runs the whole loop on the demo data; `make test` runs the tests.
+# Every target bootstraps .venv on first use. Pass Hydra overrides with ARGS="...".
+
+PYTHON ?= python3
+# The torch requirement: the CPU wheel by default; GPU users set their CUDA build, e.g.
+#   make cycle TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH ?= torch==2.13.0
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.cleanloop-installed
+ARGS ?=
+PYTEST_ARGS ?=
+UI_PORT ?= 5000
+STORE := sqlite:///$(CURDIR)/mlruns/mlflow.db
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test test-fast lint cycle demo-data oof flag prune train-baseline train-cleaned compare sweep ui bench clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
+	@echo '  ARGS="..." passes Hydra overrides, e.g. make cycle ARGS="data=manifest data.manifest=/data/m.csv model=medsiglip trainer=gpu"'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create .venv (torch from TORCH, then the project)
+
+test: $(STAMP) ## the whole test suite, slow end-to-end tests included (CI runs this)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## the tests not marked slow
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check src tests
+
+cycle: $(STAMP) ## demo-data -> oof -> flag -> prune -> train baseline/cleaned -> compare
+	$(BIN)/cleanloop cycle $(ARGS)
+
+demo-data: $(STAMP) ## (re)build the demo dataset in data/demo/
+	$(BIN)/cleanloop demo-data $(ARGS)
+
+oof: $(STAMP) ## k-fold out-of-fold probabilities
+	$(BIN)/cleanloop oof $(ARGS)
+
+flag: $(STAMP) ## cleanlab label issues and outliers
+	$(BIN)/cleanloop flag $(ARGS)
+
+prune: $(STAMP) ## write the cleaned manifest
+	$(BIN)/cleanloop prune $(ARGS)
+
+train-baseline: $(STAMP) ## train on the input manifest
+	$(BIN)/cleanloop train role=baseline $(ARGS)
+
+train-cleaned: $(STAMP) ## train on the cleaned manifest
+	$(BIN)/cleanloop train role=cleaned $(ARGS)
+
+compare: $(STAMP) ## per-class recall deltas with bootstrap intervals
+	$(BIN)/cleanloop compare $(ARGS)
+
+sweep: $(STAMP) ## multirun over cleanlab's filter_by
+	$(BIN)/cleanloop cycle -m flag.filter_by=prune_by_noise_rate,both,confident_learning $(ARGS)
+
+ui: $(STAMP) ## MLflow UI on the project's store at 127.0.0.1:$(UI_PORT)
+	@$(BIN)/python -m cleanloop.tracking --uri "$(STORE)" --port $(UI_PORT)
+	$(BIN)/mlflow ui --backend-store-uri "$(STORE)" --host 127.0.0.1 --port $(UI_PORT)
+
+bench: $(STAMP) ## benchmarks; rewrites bench/RESULTS.md
+	$(BIN)/python bench/run.py
+
+clean: ## remove outputs (keeps .venv, data and mlruns)
+	rm -rf outputs multirun

@@ -1,0 +1,559 @@
+"""The cleaning maths of the ``flag`` step: check out-of-fold ``pred_probs``, find label issues and
+outliers with cleanlab, summarise them per class, and draw a montage of the candidates.
+
+Everything here is a pure function (arrays in, arrays or DataFrames out) except
+``render_montage``, which writes the one PNG it is given a path for. In arrays a class is its
+index 0..K-1; wherever a person reads it, it is its name. N is the number of rows, K the number
+of classes. Problems the user can fix raise :class:`~cleanloop.errors.CleanloopError` with one
+line saying what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from cleanlab.filter import find_label_issues
+from cleanlab.outlier import OutOfDistribution
+from cleanlab.rank import get_label_quality_scores
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from cleanloop.errors import CleanloopError
+from cleanloop.io import write_atomic
+
+# cleanlab's own choices (cleanlab.filter.find_label_issues, cleanlab.rank.get_label_quality_scores).
+FILTER_BY = (
+    "prune_by_noise_rate",
+    "prune_by_class",
+    "both",
+    "confident_learning",
+    "predicted_neq_given",
+    "low_normalized_margin",
+    "low_self_confidence",
+)
+RANK_BY = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
+
+# How far outside [0, 1] a probability may stray (float32 softmax/sigmoid rounding) before it is
+# an error rather than noise; values within it are clipped into [0, 1].
+PROB_TOLERANCE = 1e-6
+# Guards ceil(top_fraction * N) against float error: 0.1 * 30 is 3.0000000000000004, not 3.
+_FRACTION_EPS = 1e-9
+
+PRED_PROBS_FIX = "re-run `cleanloop oof`, or fix the file given as flag.oof"
+
+# Montage layout, in pixels.
+MONTAGE_PAD = 6  # space around each thumbnail and its caption
+MONTAGE_BACKGROUND = (255, 255, 255)
+MONTAGE_TEXT = (20, 20, 20)
+MONTAGE_PLACEHOLDER = (190, 190, 190)  # unreadable image
+MONTAGE_BORDER = (200, 200, 200)
+
+
+# ---------------------------------------------------------------------------------------------
+# pred_probs
+
+
+def check_pred_probs(
+    pred_probs,
+    *,
+    n_rows: int,
+    n_classes: int,
+    source: str = "pred_probs",
+    uuids: Sequence[str] | None = None,
+    fix: str = PRED_PROBS_FIX,
+) -> np.ndarray:
+    """Validate predicted probabilities and return them as float64, clipped into [0, 1].
+
+    Rows need not sum to 1 (a sigmoid head's do not); see :func:`normalise_rows`.
+
+    Parameters
+    ----------
+    pred_probs : array_like, shape (N, K)
+        One row per example, one column per class.
+    n_rows, n_classes : int
+        The expected N and K.
+    source : str
+        What the array came from (e.g. the file name), to start the error message.
+    uuids : sequence of str, shape (N,), optional
+        ``image_uuid`` of each row, so that an error names the first bad row.
+    fix : str
+        What the user should do, ending the error message.
+
+    Returns
+    -------
+    np.ndarray, shape (N, K), float64
+
+    Raises
+    ------
+    CleanloopError
+        Wrong shape, non-numeric values, NaN or infinity, values below 0 or above 1
+        (beyond ``PROB_TOLERANCE``).
+    """
+    where = "pred_probs" if source == "pred_probs" else f"{source}: pred_probs"
+    try:
+        probs = np.asarray(pred_probs, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise CleanloopError(f"{where} is not a numeric array ({e}); {fix}") from e
+    if probs.ndim != 2 or probs.shape != (n_rows, n_classes):
+        raise CleanloopError(
+            f"{where} has shape {probs.shape}, expected ({n_rows}, {n_classes}) (N rows x K classes); {fix}"
+        )
+
+    def first(bad_rows: np.ndarray) -> str:
+        i = int(np.flatnonzero(bad_rows)[0])
+        if uuids is not None and len(uuids) == n_rows:
+            return f"first image_uuid {str(uuids[i])!r} (row {i})"
+        return f"first row {i}"
+
+    for problem, bad in (
+        ("NaN", np.isnan(probs)),
+        ("infinite values", np.isinf(probs)),
+        ("negative values", probs < -PROB_TOLERANCE),
+        ("values above 1", probs > 1 + PROB_TOLERANCE),
+    ):
+        bad_rows = bad.any(axis=1)
+        if bad_rows.any():
+            raise CleanloopError(
+                f"{where} has {problem} in {int(bad_rows.sum())} row(s), {first(bad_rows)}; {fix}"
+            )
+    return np.clip(probs, 0.0, 1.0)
+
+
+def normalise_rows(pred_probs) -> np.ndarray:
+    """Divide each row by its sum, so that a sigmoid head's scores become a distribution.
+
+    Parameters
+    ----------
+    pred_probs : array_like, shape (N, K)
+        Non-negative scores (check them first with :func:`check_pred_probs`).
+
+    Returns
+    -------
+    np.ndarray, shape (N, K), float64
+        Rows summing to 1; a row of zeros becomes uniform, 1/K each (the model has no preference).
+    """
+    probs = np.asarray(pred_probs, dtype=np.float64)
+    sums = probs.sum(axis=1, keepdims=True)
+    zero = sums[:, 0] <= 0
+    out = np.divide(probs, sums, out=np.zeros_like(probs), where=sums > 0)
+    out[zero] = 1.0 / probs.shape[1]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# label issues and outliers
+
+
+def _check_labels(labels, *, n_rows: int, n_classes: int) -> np.ndarray:
+    arr = np.asarray(labels)
+    if arr.ndim != 1 or len(arr) != n_rows:
+        raise CleanloopError(
+            f"labels has shape {arr.shape}, expected ({n_rows},) (one class index per pred_probs row)"
+        )
+    if arr.dtype.kind not in "iu":
+        if arr.dtype.kind != "f" or not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise CleanloopError(
+                f"labels must be class indices 0..{n_classes - 1} (got dtype {arr.dtype}); "
+                "map class names to their index in the class order first"
+            )
+    arr = arr.astype(np.int64)
+    out = (arr < 0) | (arr >= n_classes)
+    if out.any():
+        i = int(np.flatnonzero(out)[0])
+        raise CleanloopError(
+            f"labels has {int(out.sum())} value(s) outside 0..{n_classes - 1}, first {int(arr[i])} at row {i}; "
+            "pred_probs needs one column per class in the class order"
+        )
+    return arr
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise CleanloopError(f"unknown {name}={value!r}; use one of {', '.join(allowed)}")
+
+
+def find_issues(
+    labels,
+    pred_probs,
+    *,
+    filter_by: str = "prune_by_noise_rate",
+    frac_noise: float = 1.0,
+    min_examples_per_class: int = 1,
+    n_jobs: int = 1,
+    rank_by: str = "self_confidence",
+) -> pd.DataFrame:
+    """Score every row's label and flag the likely mislabelled ones, with cleanlab.
+
+    Parameters
+    ----------
+    labels : array_like of int, shape (N,)
+        Given class index of each row, 0..K-1.
+    pred_probs : array_like, shape (N, K)
+        Out-of-fold predicted probabilities (rows summing to 1).
+    filter_by : str
+        cleanlab's ``filter_by``: one of ``FILTER_BY``.
+    frac_noise : float in (0, 1]
+        cleanlab's ``frac_noise``: flag only this fraction of the estimated issues.
+    min_examples_per_class : int
+        cleanlab's ``min_examples_per_class``: never flag a class below this many rows.
+    n_jobs : int
+        cleanlab's ``n_jobs`` (processes; 1 keeps it in this process).
+    rank_by : str
+        cleanlab's ``method`` for the label quality score: one of ``RANK_BY``.
+
+    Returns
+    -------
+    pd.DataFrame, N rows, in input order
+        ``predicted`` (int, argmax of pred_probs), ``label_quality`` (float in [0, 1],
+        lower = more likely mislabelled), ``is_label_issue`` (bool).
+    """
+    _check_choice("filter_by", filter_by, FILTER_BY)
+    _check_choice("rank_by", rank_by, RANK_BY)
+    if not 0.0 < frac_noise <= 1.0:
+        raise CleanloopError(f"frac_noise={frac_noise} must be in (0, 1]")
+    if min_examples_per_class < 0:
+        raise CleanloopError(f"min_examples_per_class={min_examples_per_class} must be >= 0")
+    if n_jobs < 1:
+        raise CleanloopError(f"n_jobs={n_jobs} must be >= 1")
+    probs = np.asarray(pred_probs)
+    if probs.ndim != 2:
+        raise CleanloopError(f"pred_probs has shape {probs.shape}, expected (N rows, K classes)")
+    n, k = probs.shape
+    if n == 0:
+        raise CleanloopError("no rows to score: pred_probs is empty")
+    if k < 2:
+        raise CleanloopError(f"pred_probs has {k} column(s); label issues need at least 2 classes")
+    labels_arr = _check_labels(labels, n_rows=n, n_classes=k)
+    probs = check_pred_probs(probs, n_rows=n, n_classes=k)
+
+    is_issue = find_label_issues(
+        labels_arr,
+        probs,
+        filter_by=filter_by,
+        frac_noise=frac_noise,
+        min_examples_per_class=min_examples_per_class,
+        n_jobs=n_jobs,
+    )
+    quality = get_label_quality_scores(labels_arr, probs, method=rank_by)
+    return pd.DataFrame(
+        {
+            "predicted": probs.argmax(axis=1).astype(np.int64),
+            "label_quality": np.asarray(quality, dtype=np.float64),
+            "is_label_issue": np.asarray(is_issue, dtype=bool),
+        }
+    )
+
+
+def outlier_scores(pred_probs, *, labels=None, features=None) -> np.ndarray:
+    """How atypical each row is, with ``cleanlab.outlier.OutOfDistribution``: higher = more outlying.
+
+    With ``features`` (e.g. image embeddings) the score grows with the mean distance to the
+    row's k nearest neighbours (cleanlab uses cosine distance above 3 feature dimensions, so
+    direction matters, not length). Without, it grows with the entropy of ``pred_probs``,
+    adjusted by cleanlab's per-class confidence thresholds when ``labels`` are given.
+
+    Parameters
+    ----------
+    pred_probs : array_like, shape (N, K)
+    labels : array_like of int, shape (N,), optional
+    features : array_like, shape (N, M), optional
+
+    Returns
+    -------
+    np.ndarray, shape (N,), float64 in [0, 1]
+        ``1 - cleanlab's score`` (cleanlab's is lower = more outlying). Fewer than 2 rows: zeros.
+    """
+    probs = np.asarray(pred_probs, dtype=np.float64)
+    if probs.ndim != 2:
+        raise CleanloopError(f"pred_probs has shape {probs.shape}, expected (N rows, K classes)")
+    n = len(probs)
+    if features is not None:
+        feats = np.asarray(features, dtype=np.float64)
+        if feats.ndim != 2 or len(feats) != n:
+            raise CleanloopError(
+                f"features has shape {feats.shape}, expected ({n}, M): one embedding per pred_probs row"
+            )
+        if not np.isfinite(feats).all():
+            raise CleanloopError("features has NaN or infinite values; re-compute the embeddings")
+    if n < 2:  # no neighbours, no distribution: nothing is an outlier
+        return np.zeros(n)
+
+    with warnings.catch_warnings():
+        # cleanlab warns that nothing needed fitting when it has no labels to adjust by; expected here.
+        warnings.filterwarnings("ignore", message="No estimates need to be", category=UserWarning)
+        if features is not None:
+            scores = OutOfDistribution().fit_score(features=feats, verbose=False)
+        elif labels is not None:
+            labels_arr = _check_labels(labels, n_rows=n, n_classes=probs.shape[1])
+            scores = OutOfDistribution().fit_score(pred_probs=probs, labels=labels_arr, verbose=False)
+        else:  # cleanlab's default adjusts by thresholds fitted from labels; without them, plain entropy
+            ood = OutOfDistribution(params={"adjust_pred_probs": False})
+            scores = ood.fit_score(pred_probs=probs, verbose=False)
+    return 1.0 - np.asarray(scores, dtype=np.float64)
+
+
+def mark_outliers(scores, *, top_fraction: float) -> np.ndarray:
+    """Mark the ``ceil(top_fraction * N)`` highest outlier scores (at least 1 when top_fraction > 0).
+
+    Parameters
+    ----------
+    scores : array_like, shape (N,)
+        Outlier scores, higher = more outlying (:func:`outlier_scores`).
+    top_fraction : float in [0, 1]
+
+    Returns
+    -------
+    np.ndarray of bool, shape (N,)
+        Ties are broken by row order: the earlier row is marked first.
+    """
+    if not 0.0 <= top_fraction <= 1.0:
+        raise CleanloopError(f"top_fraction={top_fraction} must be in [0, 1] (a fraction of the rows)")
+    s = np.asarray(scores, dtype=np.float64)
+    n = len(s)
+    count = 0 if top_fraction == 0 else max(1, math.ceil(top_fraction * n - _FRACTION_EPS))
+    count = min(count, n)
+    order = np.argsort(-s, kind="stable")  # stable sort: equal scores keep row order
+    marked = np.zeros(n, dtype=bool)
+    marked[order[:count]] = True
+    return marked
+
+
+# ---------------------------------------------------------------------------------------------
+# summaries
+
+
+def _same_length(**arrays) -> int:
+    lengths = {name: len(a) for name, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        shown = ", ".join(f"{name} has {n}" for name, n in lengths.items())
+        raise CleanloopError(f"arrays of different lengths: {shown}; pass one value per row")
+    return next(iter(lengths.values()))
+
+
+def issues_per_class(given_labels: Sequence[str], is_issue, classes: Sequence[str]) -> pd.DataFrame:
+    """Rows and flagged rows per given class.
+
+    Parameters
+    ----------
+    given_labels : sequence of str, shape (N,)
+        Given class name of each row.
+    is_issue : array_like of bool, shape (N,)
+    classes : sequence of str, shape (K,)
+        Every class appears in the result, even with no rows.
+
+    Returns
+    -------
+    pd.DataFrame, K rows
+        ``class, n_rows, n_issues, issue_rate`` (issue_rate = n_issues / n_rows, 0 without rows),
+        sorted by issue_rate descending, then class.
+    """
+    _same_length(given_labels=given_labels, is_issue=is_issue)
+    given = pd.Series(np.asarray(given_labels, dtype=object)).astype(str)
+    flagged = np.asarray(is_issue, dtype=bool)
+    classes = [str(c) for c in classes]
+    unknown = sorted(set(given) - set(classes))
+    if unknown:
+        raise CleanloopError(
+            f"given label(s) {', '.join(map(repr, unknown[:10]))} are not in the class order; "
+            "add them to data.classes or fix the labels"
+        )
+    n_rows = given.value_counts().reindex(classes, fill_value=0)
+    n_issues = given[flagged].value_counts().reindex(classes, fill_value=0)
+    out = pd.DataFrame(
+        {
+            "class": classes,
+            "n_rows": n_rows.to_numpy(dtype=np.int64),
+            "n_issues": n_issues.to_numpy(dtype=np.int64),
+        }
+    )
+    rows = out["n_rows"].to_numpy()
+    out["issue_rate"] = np.divide(
+        out["n_issues"].to_numpy(dtype=np.float64), rows, out=np.zeros(len(out)), where=rows > 0
+    )
+    return out.sort_values(["issue_rate", "class"], ascending=[False, True], kind="stable").reset_index(
+        drop=True
+    )
+
+
+def issue_confusions(given_labels: Sequence[str], predicted_labels: Sequence[str], is_issue) -> pd.DataFrame:
+    """Which given class the flagged rows were predicted as.
+
+    Parameters
+    ----------
+    given_labels, predicted_labels : sequence of str, shape (N,)
+    is_issue : array_like of bool, shape (N,)
+
+    Returns
+    -------
+    pd.DataFrame
+        ``given_label, predicted_label, count`` over the flagged rows only, one row per pair
+        seen, sorted by count descending, then given_label, predicted_label.
+    """
+    _same_length(given_labels=given_labels, predicted_labels=predicted_labels, is_issue=is_issue)
+    flagged = np.asarray(is_issue, dtype=bool)
+    pairs = pd.DataFrame(
+        {
+            "given_label": np.asarray(given_labels, dtype=object)[flagged].astype(str),
+            "predicted_label": np.asarray(predicted_labels, dtype=object)[flagged].astype(str),
+        }
+    )
+    counts = pairs.groupby(["given_label", "predicted_label"]).size().rename("count").reset_index()
+    counts["count"] = counts["count"].astype(np.int64)
+    return counts.sort_values(
+        ["count", "given_label", "predicted_label"], ascending=[False, True, True], kind="stable"
+    ).reset_index(drop=True)
+
+
+def flag_scores(flagged, truly_bad) -> dict:
+    """Precision and recall of the flags against a known truth (the demo's ground truth).
+
+    Parameters
+    ----------
+    flagged, truly_bad : array_like of bool, shape (N,)
+
+    Returns
+    -------
+    dict
+        ``precision`` (0 when nothing is flagged), ``recall`` (0 when nothing is bad),
+        ``n_flagged``, ``n_bad``, ``true_positives``; plain Python numbers, ready for JSON.
+    """
+    _same_length(flagged=flagged, truly_bad=truly_bad)
+    f = np.asarray(flagged, dtype=bool)
+    b = np.asarray(truly_bad, dtype=bool)
+    tp, n_flagged, n_bad = int((f & b).sum()), int(f.sum()), int(b.sum())
+    return {
+        "precision": tp / n_flagged if n_flagged else 0.0,
+        "recall": tp / n_bad if n_bad else 0.0,
+        "n_flagged": n_flagged,
+        "n_bad": n_bad,
+        "true_positives": tp,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# montage
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable font: Pillow >= 10.1 with FreeType
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> float:
+    return draw.textlength(text, font=font)
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> str:
+    """``text``, cut with an ellipsis if it is wider than ``width``."""
+    if _text_width(draw, text, font) <= width:
+        return text
+    while text and _text_width(draw, text + "…", font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _thumbnail(path: str, thumb: int, font) -> Image.Image:
+    """The image fitted into a ``thumb`` square (pixel art, e.g. 8x8 digits, stays crisp)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode.startswith(("I", "F")):  # 16-bit/float greyscale: convert("RGB") would saturate
+                a = np.asarray(im, dtype=np.float64)
+                span = float(a.max() - a.min()) or 1.0
+                im = Image.fromarray(((a - a.min()) / span * 255).astype(np.uint8))
+            im = im.convert("RGB")
+        scale = thumb / max(im.size)
+        resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.LANCZOS
+        im = ImageOps.contain(im, (thumb, thumb), method=resample)
+        tile = Image.new("RGB", (thumb, thumb), MONTAGE_BACKGROUND)
+        tile.paste(im, ((thumb - im.width) // 2, (thumb - im.height) // 2))
+    except Exception:  # any unreadable file (missing, truncated, not an image): a grey tile, never a crash
+        tile = Image.new("RGB", (thumb, thumb), MONTAGE_PLACEHOLDER)
+        draw = ImageDraw.Draw(tile)
+        draw.text(
+            (thumb / 2, thumb / 2),
+            _fit(draw, "unreadable", font, thumb - 4),
+            fill=MONTAGE_TEXT,
+            font=font,
+            anchor="mm",
+        )
+    ImageDraw.Draw(tile).rectangle([0, 0, thumb - 1, thumb - 1], outline=MONTAGE_BORDER)
+    return tile
+
+
+def render_montage(
+    paths: Sequence[str],
+    captions: Sequence[str],
+    out_path: str | os.PathLike,
+    *,
+    columns: int = 10,
+    thumb: int = 96,
+) -> Path:
+    """Draw the images in a grid, each captioned underneath, and write it as a PNG (atomically).
+
+    Parameters
+    ----------
+    paths : sequence of str, shape (n,)
+        Image files; one that cannot be read gets a grey "unreadable" tile.
+    captions : sequence of str, shape (n,)
+        One per image; ``"\\n"`` starts a new line (e.g. ``"seven -> one\\n0.03"``). A line wider
+        than the cell is cut with an ellipsis.
+    out_path : path
+        The PNG to write.
+    columns : int
+        Images per row (fewer when there are fewer images).
+    thumb : int
+        Side of each thumbnail's square, in pixels.
+
+    Returns
+    -------
+    Path
+        ``out_path``.
+    """
+    if len(paths) != len(captions):
+        raise CleanloopError(f"render_montage got {len(paths)} path(s) but {len(captions)} caption(s)")
+    if columns < 1 or thumb < 16:
+        raise CleanloopError(f"render_montage needs columns >= 1 and thumb >= 16 (got {columns}, {thumb})")
+    font = _font(max(11, thumb // 7))
+    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (11, 3)
+    line_h = ascent + descent + 2
+
+    if not paths:
+        img = Image.new("RGB", (max(240, 3 * thumb), thumb), MONTAGE_BACKGROUND)
+        ImageDraw.Draw(img).text(
+            (img.width / 2, img.height / 2), "no flagged rows", fill=MONTAGE_TEXT, font=font, anchor="mm"
+        )
+        return write_atomic(out_path, lambda p: img.save(p, format="PNG"))
+
+    lines = [str(c).split("\n") for c in captions]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widest = max(_text_width(measure, line, font) for cap in lines for line in cap)
+    # A cell is as wide as its thumbnail, or its widest caption up to twice that: names stay readable.
+    text_w = int(min(max(thumb, math.ceil(widest)), 2 * thumb))
+    cell_w = text_w + 2 * MONTAGE_PAD
+    cell_h = thumb + max(len(c) for c in lines) * line_h + 2 * MONTAGE_PAD
+    n_cols = min(columns, len(paths))
+    n_rows = math.ceil(len(paths) / n_cols)
+    img = Image.new("RGB", (n_cols * cell_w, n_rows * cell_h), MONTAGE_BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for i, (path, cap) in enumerate(zip(paths, lines, strict=True)):
+        x0, y0 = (i % n_cols) * cell_w, (i // n_cols) * cell_h
+        img.paste(_thumbnail(str(path), thumb, font), (x0 + (cell_w - thumb) // 2, y0 + MONTAGE_PAD))
+        y = y0 + MONTAGE_PAD + thumb + 2
+        for line in cap:
+            draw.text(
+                (x0 + cell_w / 2, y),
+                _fit(draw, line, font, text_w),
+                fill=MONTAGE_TEXT,
+                font=font,
+                anchor="ma",
+            )
+            y += line_h
+    return write_atomic(out_path, lambda p: img.save(p, format="PNG"))

@@ -1,0 +1,72 @@
+"""Shared fixtures: composed configs (lightning-hydra-template style), the demo data, tiny manifests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from cleanloop.config import conf_dir, register_resolvers
+from cleanloop.demo import build_demo
+
+register_resolvers()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_cfg(root: Path, *overrides: str):
+    """Compose conf/config.yaml with every path (outputs, MLflow store, caches) under ``root``."""
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(
+            "config",
+            overrides=[f"paths.root_dir={root}", "tracking.experiment=test", *overrides],
+        )
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    return lambda *overrides: make_cfg(tmp_path, *overrides)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The demo dataset, built once per test session (read-only for tests)."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    build_demo(out)
+    return out
+
+
+def write_png(path: Path, value: int, size: int = 16, mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    arr = (rng.integers(0, 40, (size, size, 3)) + value).clip(0, 255).astype(np.uint8)
+    Image.fromarray(arr).convert(mode).save(path)
+
+
+@pytest.fixture
+def tiny_manifest(tmp_path) -> Path:
+    """Three classes of flat-coloured 16 px PNGs (dark / mid / bright), train and test, with groups."""
+    rows = []
+    for c, value in (("dark", 20), ("mid", 110), ("bright", 200)):
+        for i in range(8):
+            uuid = f"{c}-{i}"
+            write_png(tmp_path / "img" / f"{uuid}.png", value + i)
+            rows.append({"image_uuid": uuid, "path": f"img/{uuid}.png", "label": c,
+                         "split": "test" if i >= 6 else "train", "group": f"{c}-g{i // 2}"})
+    path = tmp_path / "manifest.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real `cleanloop` console script in a subprocess."""
+    exe = Path(sys.executable).with_name("cleanloop")
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
