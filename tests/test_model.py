@@ -11,7 +11,6 @@ from cleanloop.errors import CleanloopError
 from cleanloop.manifest import load_manifest
 from cleanloop.model import Classifier, backbone_from_config, load_backbone
 from cleanloop.training import fit_predict
-
 from conftest import run_cli
 
 TINY = dict(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64,
@@ -45,7 +44,8 @@ def test_fit_predict_returns_probs_keyed_by_uuid(cfg_factory, tiny_manifest, hea
     m = load_manifest(tiny_manifest)
     test = m.split("test")
     model, preds = fit_predict(cfg, m.classes, m.train, predict_frames={"test": test})
-    uuids, probs = preds["test"]
+    uuids, probs, emb = preds["test"]
+    assert emb.shape == (len(test), cfg.model.config.hidden_size)
     assert uuids == test["image_uuid"].tolist() and probs.shape == (len(test), 3)
     assert (probs >= 0).all() and (probs <= 1).all()
     if head == "softmax":

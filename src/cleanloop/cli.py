@@ -9,8 +9,8 @@ import sys
 
 STEPS = {
     "demo-data": "cleanloop.steps.demo_data",
-    "oof": None,
-    "flag": None,
+    "oof": "cleanloop.steps.oof",
+    "flag": "cleanloop.steps.flag",
     "prune": None,
     "train": "cleanloop.steps.train",
     "compare": None,

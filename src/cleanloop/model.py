@@ -151,7 +151,10 @@ class Classifier(L.LightningModule):
         self.log("val/acc", (logits.argmax(-1) == batch["label"]).float().mean(), batch_size=n, sync_dist=True)
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        return {"image_uuid": list(batch["image_uuid"]), "probs": self.probs(self(batch["pixel_values"])).cpu()}
+        """Probabilities (B, K) and pooled embeddings (B, D), keyed by ``image_uuid``."""
+        emb = self.embed(batch["pixel_values"])
+        return {"image_uuid": list(batch["image_uuid"]), "probs": self.probs(self.head(emb)).cpu(),
+                "embedding": emb.float().cpu()}
 
     def configure_optimizers(self):
         groups = [

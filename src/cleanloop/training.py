@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import hydra
 import lightning as L
@@ -89,14 +90,23 @@ def make_trainer(cfg: DictConfig, *, callbacks: list | None = None, root_dir: st
     )
 
 
-def collect(outputs: list[dict]) -> tuple[list[str], np.ndarray]:
-    """Concatenate predict_step outputs into (image_uuids, probs of shape (N, K))."""
+class Predictions(NamedTuple):
+    """One row set's predictions, in the row order given."""
+
+    uuids: list[str]
+    probs: np.ndarray  # (N, K)
+    embeddings: np.ndarray  # (N, D) pooled backbone features
+
+
+def collect(outputs: list[dict]) -> Predictions:
+    """Concatenate predict_step outputs."""
     uuids = [u for batch in outputs for u in batch["image_uuid"]]
     probs = np.concatenate([batch["probs"].float().numpy() for batch in outputs], axis=0)
-    return uuids, probs
+    emb = np.concatenate([batch["embedding"].float().numpy() for batch in outputs], axis=0)
+    return Predictions(uuids, probs, emb)
 
 
-def predict(cfg: DictConfig, module: Classifier, frames: dict[str, pd.DataFrame]) -> dict[str, tuple[list[str], np.ndarray]]:
+def predict(cfg: DictConfig, module: Classifier, frames: dict[str, pd.DataFrame]) -> dict[str, Predictions]:
     """Probabilities of ``module`` on each named frame (eval transform, no augmentation)."""
     if not frames:
         return {}
@@ -116,7 +126,7 @@ def fit_predict(
     predict_frames: dict[str, pd.DataFrame] | None = None,
     val: pd.DataFrame | None = None,
     log_prefix: str = "",
-) -> tuple[Classifier, dict[str, tuple[list[str], np.ndarray]]]:
+) -> tuple[Classifier, dict[str, Predictions]]:
     """Train the recipe on ``train`` rows, then predict each of ``predict_frames``."""
     L.seed_everything(cfg.recipe.seed, workers=True, verbose=False)
     module = build_module(cfg, classes)

@@ -78,7 +78,7 @@ def run(cfg: DictConfig) -> dict:
                  role, len(m.train), len(val), len(test), len(classes), path)
         module, preds = fit_predict(cfg, classes, m.train, predict_frames={"test": test}, val=val,
                                     log_prefix=f"[{role}] ")
-        uuids, probs = preds["test"]
+        uuids, probs, _ = preds["test"]
         labels = test["label"].tolist()
         index = {c: i for i, c in enumerate(classes)}
         metrics = classification_metrics(np.array([index[c] for c in labels]), probs.argmax(1), classes=classes)

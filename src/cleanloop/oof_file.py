@@ -1,0 +1,110 @@
+"""The OOF probabilities file (CONTRACT §3 ``oof/oof_probs.parquet``): write it, read it, check it.
+
+Columns: ``image_uuid, label, fold`` and one float column per class. The class order, the head
+(softmax / sigmoid) and how the probabilities were made live in the Parquet schema metadata
+under the key ``cleanloop``, so a reader never has to guess.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cleanloop.cleaning import check_pred_probs
+from cleanloop.errors import CleanloopError
+from cleanloop.io import write_atomic
+
+META_KEY = b"cleanloop"
+BASE_COLUMNS = ("image_uuid", "label", "fold")
+
+
+def oof_frame(uuids, labels, folds, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    clash = set(classes) & set(BASE_COLUMNS)
+    if clash:
+        raise CleanloopError(f"class name(s) {sorted(clash)} clash with OOF columns {BASE_COLUMNS}; rename the class")
+    base = pd.DataFrame({"image_uuid": list(uuids), "label": list(labels), "fold": np.asarray(folds, dtype=np.int64)})
+    return pd.concat([base, pd.DataFrame(probs.astype(np.float32), columns=classes)], axis=1)
+
+
+def write_oof(path: str | Path, df: pd.DataFrame, *, classes: list[str], **meta) -> Path:
+    """Write ``df`` with {"classes": [...], **meta} in the schema metadata, atomically."""
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    payload = json.dumps({"classes": list(classes), **meta}).encode()
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: payload})
+    return write_atomic(path, lambda p: pq.write_table(table, p))
+
+
+def read_meta(path: str | Path) -> dict:
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta[META_KEY]) if META_KEY in meta else {}
+
+
+@dataclass(frozen=True)
+class OOF:
+    """Probabilities aligned to the manifest's train rows (same order)."""
+
+    pred_probs: np.ndarray  # (N, K), as stored (sigmoid rows not yet normalised)
+    folds: np.ndarray  # (N,), -1 for in-sample scoring
+    meta: dict
+    file_rows: np.ndarray  # (N,): row i of the manifest's train split is row file_rows[i] of the file
+
+
+def load_oof(path: str | Path, *, train: pd.DataFrame, classes: list[str], head: str | None = None) -> OOF:
+    """Read an OOF parquet and align it to ``train`` (the manifest's train rows).
+
+    Refuses a file made from another manifest (rows missing or extra, labels differing) or
+    another class order, and probabilities that are NaN, negative or above one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CleanloopError(f"{path}: OOF probabilities not found; run `cleanloop oof` first or set flag.oof=PATH")
+    try:
+        df = pd.read_parquet(path)
+        meta = read_meta(path)
+    except Exception as e:
+        raise CleanloopError(f"{path}: cannot read OOF parquet ({type(e).__name__}: {e})") from e
+    file_classes = meta.get("classes") or [c for c in df.columns if c not in BASE_COLUMNS]
+    if list(file_classes) != list(classes):
+        raise CleanloopError(
+            f"{path}: class order {file_classes[:5]}{'...' if len(file_classes) > 5 else ''} differs from the "
+            f"manifest's {classes[:5]}{'...' if len(classes) > 5 else ''}; re-run `cleanloop oof` on this manifest "
+            "or set data.classes to the file's order"
+        )
+    missing_cols = [c for c in ("image_uuid", *classes) if c not in df.columns]
+    if missing_cols:
+        raise CleanloopError(f"{path}: missing column(s) {missing_cols[:5]}; expected image_uuid and one column per class")
+    df["image_uuid"] = df["image_uuid"].astype(str)
+    if df["image_uuid"].duplicated().any():
+        raise CleanloopError(f"{path}: duplicate image_uuid {df.loc[df['image_uuid'].duplicated(), 'image_uuid'].iloc[0]!r}; "
+                             "each train row must appear exactly once")
+    want = set(train["image_uuid"])
+    have = set(df["image_uuid"])
+    if want != have:
+        missing, extra = sorted(want - have), sorted(have - want)
+        raise CleanloopError(
+            f"{path}: rows do not match the manifest's train split ({len(missing)} train row(s) missing, e.g. "
+            f"{missing[:3]}; {len(extra)} unknown row(s), e.g. {extra[:3]}); re-run `cleanloop oof` on this manifest"
+        )
+    position = pd.Series(np.arange(len(df)), index=df["image_uuid"])
+    file_rows = position.loc[train["image_uuid"]].to_numpy()
+    df = df.iloc[file_rows].set_index("image_uuid")
+    if "label" in df.columns:
+        differs = df["label"].astype(str).to_numpy() != train["label"].to_numpy()
+        if differs.any():
+            first = train["image_uuid"].to_numpy()[differs][0]
+            raise CleanloopError(
+                f"{path}: {int(differs.sum())} row(s) carry a different label than the manifest (first: {first!r}); "
+                "the OOF file was made from another version of the manifest: re-run `cleanloop oof`"
+            )
+    probs = check_pred_probs(df[list(classes)].to_numpy(), n_rows=len(train), n_classes=len(classes),
+                             source=path.name, uuids=train["image_uuid"].tolist())
+    folds = df["fold"].to_numpy(dtype=np.int64) if "fold" in df.columns else np.full(len(train), -1)
+    if head is not None and "head" not in meta:
+        meta = {**meta, "head": head}
+    return OOF(pred_probs=probs, folds=folds, meta=meta, file_rows=file_rows)

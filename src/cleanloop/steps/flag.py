@@ -1,0 +1,168 @@
+"""``cleanloop flag``: cleanlab label issues, label quality, outliers, per-class rates, a montage.
+
+Reads the OOF parquet (``flag.oof`` or ``oof/oof_probs.parquet``) and the manifest; writes the
+``flag/`` files of CONTRACT §3 and logs ``flag/*`` metrics. When the dataset has a
+``ground_truth.csv`` beside its manifest (the demo), it also scores its own flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from cleanloop.cleaning import (
+    find_issues,
+    flag_scores,
+    issue_confusions,
+    issues_per_class,
+    mark_outliers,
+    normalise_rows,
+    outlier_scores,
+    render_montage,
+)
+from cleanloop.config import file_hash
+from cleanloop.io import write_csv, write_json
+from cleanloop.oof_file import load_oof
+from cleanloop.steps.common import load_input, out_path
+from cleanloop.tracking import log_artifact_files, log_key_mapping, metric_key, step_run
+
+log = logging.getLogger(__name__)
+
+ISSUE_COLUMNS = ["image_uuid", "path", "given_label", "predicted_label", "label_quality",
+                 "is_label_issue", "outlier_score", "is_outlier"]
+
+
+def _embeddings(oof_path: Path, file_rows: np.ndarray) -> np.ndarray | None:
+    """Backbone embeddings written by ``oof`` beside its parquet, in the manifest's train order."""
+    path = oof_path.with_name("embeddings.npy")
+    if not path.is_file():
+        return None
+    emb = np.load(path).astype(np.float32)
+    if len(emb) <= int(file_rows.max()):
+        log.warning("flag: %s does not match %s; outliers from pred_probs instead", path, oof_path)
+        return None
+    return emb[file_rows]
+
+
+def _baseline_test_metrics(cfg: DictConfig, data_hash: str) -> pd.DataFrame | None:
+    """Per-class test recall / F1 of the latest baseline run on this manifest (the team's table)."""
+    runs = mlflow.search_runs(
+        filter_string=f"tags.`cleanloop.role` = 'baseline' and tags.`cleanloop.data` = '{data_hash}' "
+                      "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if runs.empty:
+        return None
+    row = runs.iloc[0]
+    return row
+
+
+def _ground_truth(manifest_path: Path, train: pd.DataFrame) -> pd.DataFrame | None:
+    path = manifest_path.with_name("ground_truth.csv")
+    if not path.is_file():
+        return None
+    truth = pd.read_csv(path, dtype={"image_uuid": str}, keep_default_na=False)
+    truth = truth.set_index("image_uuid").reindex(train["image_uuid"])
+    as_bool = lambda s: s.astype(str).str.lower().isin(["true", "1"]).to_numpy()  # noqa: E731
+    return pd.DataFrame({"is_noisy": as_bool(truth["is_noisy"]), "is_garbage": as_bool(truth["is_garbage"])})
+
+
+def run(cfg: DictConfig) -> Path:
+    t0 = time.time()
+    m = load_input(cfg)
+    train, classes = m.train.reset_index(drop=True), m.classes
+    labels = m.label_indices(train)
+    oof_path = Path(cfg.flag.oof) if cfg.flag.get("oof") else out_path(cfg, "oof", "oof_probs.parquet")
+    oof = load_oof(oof_path, train=train, classes=classes, head=cfg.recipe.head)
+    out_dir = out_path(cfg, "flag")
+    data_hash = file_hash(m.source)
+    sigmoid = oof.meta.get("head") == "sigmoid"
+    pred_probs = normalise_rows(oof.pred_probs) if sigmoid else oof.pred_probs
+    tags = {"cleanloop.data": data_hash, "cleanloop.oof_key": str(oof.meta.get("key", "external")),
+            "cleanloop.in_sample": str(oof.meta.get("method") == "insample").lower(),
+            "cleanloop.normalised_rows": str(sigmoid).lower()}
+    fc = cfg.flag
+    with step_run(cfg, "flag", tags=tags) as run:
+        if sigmoid:
+            log.info("flag: sigmoid head: each pred_probs row normalised to sum to one before cleanlab")
+        found = find_issues(labels, pred_probs, filter_by=fc.filter_by, frac_noise=fc.frac_noise,
+                            min_examples_per_class=fc.min_examples_per_class, n_jobs=fc.n_jobs, rank_by=fc.rank_by)
+        emb = _embeddings(oof_path, oof.file_rows) if fc.outlier.enabled else None
+        if not fc.outlier.enabled:
+            scores = np.zeros(len(train))
+        elif emb is not None:
+            scores = outlier_scores(pred_probs, features=emb)
+        else:
+            scores = outlier_scores(pred_probs, labels=labels)
+        is_outlier = mark_outliers(scores, top_fraction=fc.outlier.top_fraction) if fc.outlier.enabled \
+            else np.zeros(len(train), dtype=bool)
+        predicted = np.asarray(classes)[found["predicted"].to_numpy()]
+        table = pd.DataFrame({
+            "image_uuid": train["image_uuid"], "path": train["abs_path"], "given_label": train["label"],
+            "predicted_label": predicted, "label_quality": found["label_quality"].to_numpy(),
+            "is_label_issue": found["is_label_issue"].to_numpy(), "outlier_score": scores, "is_outlier": is_outlier,
+        })[ISSUE_COLUMNS]
+        table = table.sort_values(["label_quality", "image_uuid"], kind="mergesort").reset_index(drop=True)
+        is_issue = table["is_label_issue"].to_numpy()
+        per_class = issues_per_class(table["given_label"], is_issue, classes)
+        baseline = _baseline_test_metrics(cfg, data_hash)
+        if baseline is not None:
+            per_class["test_recall"] = [baseline.get(f"metrics.test/recall/{metric_key(c)}") for c in per_class["class"]]
+            per_class["test_f1"] = [baseline.get(f"metrics.test/f1/{metric_key(c)}") for c in per_class["class"]]
+            mlflow.set_tag("cleanloop.baseline_run", baseline["run_id"])
+        confusions = issue_confusions(table["given_label"], table["predicted_label"], is_issue)
+
+        write_csv(out_dir / "label_issues.csv", table)
+        write_csv(out_dir / "issues_per_class.csv", per_class)
+        write_csv(out_dir / "issue_confusions.csv", confusions)
+        candidates = table[table["is_label_issue"] | table["is_outlier"]].head(fc.montage.top_n)
+        captions = [f"{g} -> {p}\nq={q:.3f}" + (" outlier" if o else "")
+                    for g, p, q, o in zip(candidates["given_label"], candidates["predicted_label"],
+                                          candidates["label_quality"], candidates["is_outlier"], strict=True)]
+        render_montage(candidates["path"].tolist(), captions, out_dir / "mislabel_candidates.png",
+                       columns=fc.montage.columns)
+
+        n_issues = int(is_issue.sum())
+        summary = {"n_rows": len(table), "n_issues": n_issues, "issue_rate": n_issues / len(table),
+                   "n_outliers": int(is_outlier.sum()), "normalised_rows": sigmoid,
+                   "in_sample": oof.meta.get("method") == "insample", "run_id": run.info.run_id}
+        metrics = {"flag/n_issues": n_issues, "flag/issue_rate": summary["issue_rate"],
+                   "flag/n_outliers": summary["n_outliers"]}
+        metrics.update({f"flag/issue_rate/{metric_key(c)}": r
+                        for c, r in zip(per_class["class"], per_class["issue_rate"], strict=True)})
+        truth = _ground_truth(m.source, train)
+        if truth is not None:
+            row_of = {u: i for i, u in enumerate(train["image_uuid"])}
+            order = table["image_uuid"].map(row_of).to_numpy()
+            flagged = (table["is_label_issue"] | table["is_outlier"]).to_numpy()
+            bad = (truth["is_noisy"] | truth["is_garbage"]).to_numpy()[order]
+            garbage = truth["is_garbage"].to_numpy()[order]
+            scores_gt = flag_scores(flagged, bad)
+            lowest20 = np.arange(len(table)) < 20
+            top_outlier = table["is_outlier"].to_numpy()
+            summary["ground_truth"] = {
+                **scores_gt,
+                "label_issues": flag_scores(is_issue, truth["is_noisy"].to_numpy()[order]),
+                "n_garbage": int(garbage.sum()),
+                "garbage_found": int((garbage & (lowest20 | top_outlier)).sum()),
+            }
+            metrics.update({"flag/precision": scores_gt["precision"], "flag/recall": scores_gt["recall"],
+                            "flag/garbage_found": summary["ground_truth"]["garbage_found"]})
+        mlflow.log_metrics(metrics)
+        log_key_mapping(classes)
+        write_json(out_dir / "flag_summary.json", summary)
+        log_artifact_files([out_dir / n for n in ("label_issues.csv", "issues_per_class.csv", "issue_confusions.csv",
+                                                  "mislabel_candidates.png", "flag_summary.json")])
+    gt = summary.get("ground_truth")
+    log.info("flag: %d of %d train rows flagged as label issues (%.1f%%), %d outliers%s in %.1fs -> %s",
+             n_issues, len(table), 100 * summary["issue_rate"], summary["n_outliers"],
+             f"; vs ground truth precision {gt['precision']:.3f} recall {gt['recall']:.3f}, "
+             f"garbage found {gt['garbage_found']}/{gt['n_garbage']}" if gt else "",
+             time.time() - t0, out_dir)
+    return out_dir

@@ -1,0 +1,167 @@
+"""``cleanloop oof``: out-of-sample probabilities for every train row.
+
+``oof=kfold`` (default): grouped, stratified folds; each fold trains the recipe on the other
+folds and predicts the held-out one. Finished folds are kept in ``oof/folds/`` under a key of
+everything that affects them, so a re-run resumes at the first unfinished fold.
+``oof=insample``: score the train rows with an existing model, as the team's first pass did
+(memorised errors look confident: the run is tagged in-sample).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from cleanloop.config import file_hash, short_hash
+from cleanloop.errors import CleanloopError
+from cleanloop.folds import assign_folds
+from cleanloop.io import write_atomic
+from cleanloop.metrics import classification_metrics
+from cleanloop.model import Classifier, backbone_from_config
+from cleanloop.oof_file import oof_frame, read_meta, write_oof
+from cleanloop.steps.common import load_input, out_path
+from cleanloop.steps.train import recipe_hash
+from cleanloop.tracking import step_run
+from cleanloop.training import fit_predict, predict
+
+log = logging.getLogger(__name__)
+
+
+def oof_key(cfg: DictConfig, manifest_hash: str, classes: list[str]) -> str:
+    """Everything that changes the OOF probabilities: data, classes, model, recipe, folds."""
+    return short_hash({"data": manifest_hash, "classes": classes, "recipe": recipe_hash(cfg),
+                       "method": cfg.oof.method, "n_folds": cfg.oof.n_folds, "seed": cfg.oof.seed,
+                       "checkpoint": cfg.oof.get("checkpoint")})
+
+
+def _save_fold(path: Path, uuids: list[str], probs: np.ndarray, *, key: str, fold: int) -> None:
+    df = pd.DataFrame(probs, columns=[f"p{i}" for i in range(probs.shape[1])])
+    df.insert(0, "image_uuid", uuids)
+    write_oof(path, df, classes=[], key=key, fold=fold)
+
+
+def _load_fold(path: Path, *, key: str) -> tuple[list[str], np.ndarray] | None:
+    if not path.is_file() or read_meta(path).get("key") != key:
+        return None  # absent, or made with other data / config: train it again
+    df = pd.read_parquet(path)
+    return df["image_uuid"].tolist(), df.drop(columns="image_uuid").to_numpy()
+
+
+def _heldout_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    m = classification_metrics(labels, probs.argmax(1), classes=classes)
+    return {"top1": m["top1"], "balanced_accuracy": m["balanced_accuracy"]}
+
+
+def _kfold(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: list[str], key: str,
+           out_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    n_folds = cfg.oof.n_folds
+    groups = train["group"].to_numpy() if "group" in train.columns and (train["group"] != "").all() else None
+    folds = assign_folds(labels, n_folds=n_folds, seed=cfg.oof.seed, groups=groups)
+    log.info("oof: %d train rows in %d folds (%s)", len(train), n_folds,
+             "StratifiedGroupKFold on group" if groups is not None else "StratifiedKFold")
+    probs = np.zeros((len(train), len(classes)), dtype=np.float32)
+    for k in range(n_folds):
+        held = folds == k
+        fold_path = out_dir / "folds" / f"fold-{k}.parquet"
+        saved = _load_fold(fold_path, key=key)
+        if saved is not None:
+            log.info("oof: fold %d/%d reused from %s (key %s)", k + 1, n_folds, fold_path, key)
+        else:
+            t0 = time.time()
+            with mlflow.start_run(run_name=f"oof-fold-{k}", nested=True,
+                                  tags={"cleanloop.step": "oof-fold", "cleanloop.fold": str(k)}):
+                _, preds = fit_predict(cfg, classes, train[~held], predict_frames={"heldout": train[held]},
+                                       log_prefix=f"[fold {k + 1}/{n_folds}] ")
+                saved = preds["heldout"].uuids, preds["heldout"].probs
+                metrics = _heldout_metrics(labels[held], saved[1], classes)
+                mlflow.log_metrics({f"heldout/{m}": v for m, v in metrics.items()})
+                mlflow.log_metrics({"heldout/n_rows": int(held.sum()), "train/n_rows": int((~held).sum())})
+            _save_fold(fold_path, *saved, key=key, fold=k)
+            log.info("oof: fold %d/%d trained in %.1fs, held-out top1 (vs given labels) %.3f",
+                     k + 1, n_folds, time.time() - t0, metrics["top1"])
+        if list(saved[0]) != train["image_uuid"][held].tolist():
+            raise CleanloopError(f"{fold_path}: rows differ from fold {k}; delete {out_dir / 'folds'} and re-run")
+        probs[held] = saved[1]
+    return probs, folds
+
+
+def _backbone_embeddings(cfg: DictConfig, train: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    """Pooled embeddings of the train rows from the backbone as loaded, before any fine-tuning.
+
+    One space for all rows (per-fold models each have their own) and never fitted to these
+    labels: what cleanlab's kNN outlier score needs to put garbage images on top.
+    """
+    model = Classifier(backbone_from_config(cfg.model, cache_dir=cfg.paths.cache_dir, seed=cfg.recipe.seed),
+                       classes, image_mean=list(cfg.model.image_mean), image_std=list(cfg.model.image_std))
+    return predict(cfg, model.eval(), {"train": train})["train"].embeddings
+
+
+def _load_checkpoint(cfg: DictConfig, classes: list[str]) -> Classifier:
+    path = Path(str(cfg.oof.checkpoint))
+    if path.is_dir():
+        model = Classifier.load(path, attn_implementation=cfg.model.get("attn_implementation"))
+    elif path.suffix == ".ckpt" and path.is_file():
+        # A Lightning checkpoint of cleanloop's module: tensors only (weights_only=True, no pickle).
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        model = Classifier(backbone_from_config(cfg.model, cache_dir=cfg.paths.cache_dir, seed=cfg.recipe.seed),
+                           classes, head=cfg.recipe.head, image_mean=list(cfg.model.image_mean),
+                           image_std=list(cfg.model.image_std))
+        model.load_state_dict(state, strict=True)
+    else:
+        raise CleanloopError(f"oof.checkpoint={path}: not a cleanloop model folder (train/<role>/model) or a .ckpt file")
+    if model.classes != classes:
+        raise CleanloopError(f"oof.checkpoint={path}: its classes {model.classes[:5]}... differ from the manifest's "
+                             f"{classes[:5]}...; score with a model trained on these classes")
+    return model.eval()
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save(path) would append ".npy" to the temp name
+        np.save(f, arr)
+
+
+def run(cfg: DictConfig) -> Path:
+    method = cfg.oof.method
+    if method not in ("kfold", "insample"):
+        raise CleanloopError(f"oof.method={method!r}: choose oof=kfold or oof=insample")
+    m = load_input(cfg, min_train_per_class=cfg.oof.n_folds if method == "kfold" else None)
+    train, classes = m.train.reset_index(drop=True), m.classes
+    labels = m.label_indices(train)
+    out_dir = out_path(cfg, "oof")
+    manifest_hash = file_hash(m.source)
+    key = oof_key(cfg, manifest_hash, classes)
+    head = cfg.recipe.head
+    tags = {"cleanloop.oof": method, "cleanloop.data": manifest_hash, "cleanloop.recipe": recipe_hash(cfg),
+            "cleanloop.oof_key": key, "cleanloop.in_sample": str(method == "insample").lower()}
+    t0 = time.time()
+    with step_run(cfg, "oof", run_name=f"oof-{method}", tags=tags) as run:
+        if method == "kfold":
+            probs, folds = _kfold(cfg, train, labels, classes, key, out_dir)
+            emb = _backbone_embeddings(cfg, train, classes)
+        else:
+            model = _load_checkpoint(cfg, classes)
+            head = model.head_kind
+            log.warning("oof=insample: scoring %d train rows with %s, a model that saw them; memorised label "
+                        "errors look confident, so flags are biased low", len(train), cfg.oof.checkpoint)
+            pred = predict(cfg, model, {"train": train})["train"]
+            probs, folds, emb = pred.probs, np.full(len(train), -1), pred.embeddings
+            mlflow.set_tag("cleanloop.note", "in-sample probabilities: scored by a model trained on these rows")
+        df = oof_frame(train["image_uuid"], train["label"], folds, probs, classes)
+        write_oof(out_dir / "oof_probs.parquet", df, classes=classes, head=head, method=method, key=key,
+                  manifest=str(m.source.resolve()), manifest_hash=manifest_hash, n_folds=int(cfg.oof.n_folds))
+        write_atomic(out_dir / "embeddings.npy", lambda p: _save_npy(p, emb.astype(np.float16)))
+        overall = _heldout_metrics(labels, probs, classes)
+        mlflow.log_metrics({f"oof/{k}": v for k, v in overall.items()})
+        mlflow.log_artifact(str(out_dir / "oof_probs.parquet"))
+        run_id = run.info.run_id
+    log.info("oof: wrote %s (%d rows x %d classes) in %.1fs; OOF top1 %.3f, balanced accuracy %.3f (vs given "
+             "labels; run %s)", out_dir / "oof_probs.parquet", len(train), len(classes), time.time() - t0,
+             overall["top1"], overall["balanced_accuracy"], run_id)
+    return out_dir / "oof_probs.parquet"
