@@ -11,10 +11,10 @@ STEPS = {
     "demo-data": "cleanloop.steps.demo_data",
     "oof": "cleanloop.steps.oof",
     "flag": "cleanloop.steps.flag",
-    "prune": None,
+    "prune": "cleanloop.steps.prune",
     "train": "cleanloop.steps.train",
-    "compare": None,
-    "cycle": None,
+    "compare": "cleanloop.steps.compare",
+    "cycle": "cleanloop.steps.cycle",
 }
 
 USAGE = """usage: cleanloop <step> [hydra overrides] [-m for a multirun]
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     quiet_libraries()
     import hydra
     from omegaconf import DictConfig

@@ -200,7 +200,7 @@ def load_manifest(
         min_train_hint=min_train_hint,
     )
     df = df.copy()
-    df["abs_path"] = resolve_paths(df["path"], base_dir=image_root if image_root else path.parent)
+    df["abs_path"] = resolve_paths(df["path"], base_dir=Path(image_root or path.parent).resolve())
     if check_files:
         gone = missing_files(df["abs_path"])
         if gone:

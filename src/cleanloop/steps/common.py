@@ -19,9 +19,15 @@ def input_manifest_path(cfg: DictConfig) -> Path:
 
 def load_input(cfg: DictConfig, path: str | Path | None = None, *, min_train_per_class: int | None = None,
                min_train_hint: str = "oof.n_folds") -> Manifest:
-    path = Path(path) if path is not None else input_manifest_path(cfg)
+    """The input manifest, or a derived one (``path``, e.g. the cleaned manifest).
+
+    A derived manifest keeps the input's relative paths, so they resolve where the input's do:
+    ``data.image_root`` or the input manifest's folder.
+    """
+    source = input_manifest_path(cfg)
+    image_root = cfg.data.get("image_root") or source.parent
     classes = list(cfg.data.classes) if cfg.data.get("classes") else None
-    return load_manifest(path, image_root=cfg.data.get("image_root"), classes=classes,
+    return load_manifest(Path(path) if path is not None else source, image_root=image_root, classes=classes,
                          min_train_per_class=min_train_per_class, min_train_hint=min_train_hint)
 
 

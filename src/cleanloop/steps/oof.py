@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 def oof_key(cfg: DictConfig, manifest_hash: str, classes: list[str]) -> str:
     """Everything that changes the OOF probabilities: data, classes, model, recipe, folds."""
-    return short_hash({"data": manifest_hash, "classes": classes, "recipe": recipe_hash(cfg),
+    return short_hash({"data": manifest_hash, "classes": classes, "recipe": recipe_hash(cfg, with_seed=True),
                        "method": cfg.oof.method, "n_folds": cfg.oof.n_folds, "seed": cfg.oof.seed,
                        "checkpoint": cfg.oof.get("checkpoint")})
 

@@ -19,7 +19,7 @@ from cleanloop.config import file_hash, short_hash
 from cleanloop.errors import CleanloopError
 from cleanloop.io import write_atomic, write_json
 from cleanloop.metrics import classification_metrics
-from cleanloop.steps.common import input_manifest_path, load_input, out_path
+from cleanloop.steps.common import load_input, out_path
 from cleanloop.tracking import log_artifact_files, log_classification, log_key_mapping, step_run
 from cleanloop.training import fit_predict
 
@@ -28,9 +28,16 @@ log = logging.getLogger(__name__)
 ROLES = ("baseline", "cleaned")
 
 
-def recipe_hash(cfg: DictConfig) -> str:
-    """What makes two trainings the same recipe: model, recipe (seed included) and numeric precision."""
-    return short_hash({"model": cfg.model, "recipe": cfg.recipe, "precision": cfg.trainer.precision})
+def recipe_hash(cfg: DictConfig, *, with_seed: bool = False) -> str:
+    """What makes two trainings the same recipe: model, recipe and numeric precision.
+
+    The seed is not part of the recipe (``cleanloop.seed`` is its own tag) so runs of several
+    seeds pair up by seed under one recipe; ``with_seed`` includes it, for caching.
+    """
+    recipe = OmegaConf.to_container(cfg.recipe, resolve=True)
+    if not with_seed:
+        recipe.pop("seed", None)
+    return short_hash({"model": cfg.model, "recipe": recipe, "precision": cfg.trainer.precision})
 
 
 def split_hash(df: pd.DataFrame) -> str:
@@ -71,7 +78,7 @@ def run(cfg: DictConfig) -> dict:
         "cleanloop.data": file_hash(path),
         "cleanloop.test": split_hash(test),
         "cleanloop.seed": str(cfg.recipe.seed),
-        "cleanloop.input": str(input_manifest_path(cfg).resolve()),
+        "cleanloop.source_data": file_hash(source.source),  # the input both roles derive from
     }
     with step_run(cfg, "train", run_name=f"train-{role}", tags=tags) as run:
         log.info("train %s: %d train rows, %d val, %d test, %d classes (%s)",

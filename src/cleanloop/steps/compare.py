@@ -1,0 +1,226 @@
+"""``cleanloop compare``: did cleaning help, class by class, beyond noise?
+
+Pairs the latest cleaned training run(s) with baseline run(s) of the same recipe, test split
+and input (one pair per ``recipe.seed``), or the run ids in ``compare.baseline`` /
+``compare.cleaned``; runs a paired bootstrap over the test rows (and seed pairs); writes
+``compare/recall_deltas.csv`` and ``.png`` and logs ``delta/*`` to a compare run.
+With ``compare.flag_runs=[A,B]`` it also sets two flag sets side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from cleanloop.bootstrap import STATISTICS, paired_bootstrap, recall_deltas_chart
+from cleanloop.errors import CleanloopError
+from cleanloop.io import write_csv, write_json
+from cleanloop.steps.common import out_path
+from cleanloop.tracking import log_artifact_files, metric_key, setup, step_run
+
+log = logging.getLogger(__name__)
+
+PAIR_TAGS = ("cleanloop.recipe", "cleanloop.test", "cleanloop.source_data")
+
+
+def _train_runs(exp_id: str) -> pd.DataFrame:
+    runs = mlflow.search_runs(
+        experiment_ids=[exp_id],
+        filter_string="tags.`cleanloop.step` = 'train' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    for tag in (*PAIR_TAGS, "cleanloop.role", "cleanloop.seed"):
+        col = f"tags.{tag}"
+        if col not in runs.columns:
+            runs[col] = None
+    return runs
+
+
+def _run_tags(run_id: str) -> dict:
+    try:
+        return mlflow.get_run(run_id).data.tags
+    except mlflow.exceptions.MlflowException as e:
+        raise CleanloopError(f"run {run_id}: not found in {mlflow.get_tracking_uri()} ({e.message.splitlines()[0]})") from e
+
+
+def find_pairs(cfg: DictConfig, exp_id: str) -> list[tuple[str, str]]:
+    """[(baseline run id, cleaned run id)], one per seed; refuse pairs of different recipes."""
+    cc = cfg.compare
+    if cc.get("baseline") or cc.get("cleaned"):
+        if not (cc.get("baseline") and cc.get("cleaned")):
+            raise CleanloopError("compare: give both compare.baseline=RUN_ID and compare.cleaned=RUN_ID, or neither")
+        a, b = _run_tags(cc.baseline), _run_tags(cc.cleaned)
+        for tag in PAIR_TAGS:
+            if a.get(tag) != b.get(tag):
+                what = {"cleanloop.recipe": "recipes", "cleanloop.test": "test splits",
+                        "cleanloop.source_data": "input manifests"}[tag]
+                raise CleanloopError(
+                    f"compare: the {what} differ (baseline run {cc.baseline}: {tag}={a.get(tag)}, cleaned run "
+                    f"{cc.cleaned}: {tag}={b.get(tag)}); retrain both roles with the same recipe and data"
+                )
+        return [(cc.baseline, cc.cleaned)]
+    runs = _train_runs(exp_id)
+    cleaned = runs[runs["tags.cleanloop.role"] == "cleaned"]
+    if cleaned.empty:
+        raise CleanloopError("compare: no finished cleaned training run in this experiment; "
+                             "run `cleanloop train role=cleaned` (or `make train-cleaned`) first")
+    latest = cleaned.iloc[0]
+    same = np.ones(len(runs), dtype=bool)
+    for tag in PAIR_TAGS:
+        same &= (runs[f"tags.{tag}"] == latest[f"tags.{tag}"]).to_numpy()
+    group = runs[same]
+    base_all = runs[runs["tags.cleanloop.role"] == "baseline"]
+    if base_all.empty:
+        raise CleanloopError("compare: no finished baseline training run in this experiment; "
+                             "run `cleanloop train role=baseline` (or `make train-baseline`) first")
+    pairs = []
+    for seed, c_rows in group[group["tags.cleanloop.role"] == "cleaned"].groupby("tags.cleanloop.seed", sort=True):
+        b_rows = group[(group["tags.cleanloop.role"] == "baseline") & (group["tags.cleanloop.seed"] == seed)]
+        if not b_rows.empty:
+            pairs.append((b_rows.iloc[0]["run_id"], c_rows.iloc[0]["run_id"]))
+    if not pairs:
+        b = base_all.iloc[0]
+        diff = [t for t in PAIR_TAGS if b[f"tags.{t}"] != latest[f"tags.{t}"]]
+        raise CleanloopError(
+            f"compare: the latest cleaned run {latest['run_id']} has no baseline of the same recipe, test split and "
+            f"seed (latest baseline {b['run_id']} differs in {', '.join(diff) or 'cleanloop.seed'}); retrain the "
+            "baseline with the same recipe: `cleanloop train role=baseline` with the cleaned run's overrides"
+        )
+    return pairs
+
+
+def _test_predictions(run_id: str) -> pd.DataFrame:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="test_predictions.parquet",
+                                                       dst_path=tmp)
+        except Exception as e:
+            raise CleanloopError(f"run {run_id}: no test_predictions.parquet artifact; is it a cleanloop train run?") from e
+        return pd.read_parquet(path)
+
+
+def _aligned(pairs: list[tuple[str, str]]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """classes, labels (N,), baseline preds (S, N), cleaned preds (S, N) on the same test rows."""
+    ref = None
+    preds_a, preds_b = [], []
+    for a_id, b_id in pairs:
+        for run_id, out in ((a_id, preds_a), (b_id, preds_b)):
+            df = _test_predictions(run_id).sort_values("image_uuid").reset_index(drop=True)
+            classes = [c for c in df.columns if c not in ("image_uuid", "label", "predicted_label")]
+            if ref is None:
+                ref = (df["image_uuid"].tolist(), df["label"].tolist(), classes)
+            elif (df["image_uuid"].tolist(), df["label"].tolist(), classes) != ref:
+                raise CleanloopError(f"run {run_id}: its test rows or classes differ from run {pairs[0][0]}'s; "
+                                     "compare needs both models scored on the same test split")
+            index = {c: i for i, c in enumerate(classes)}
+            out.append(df["predicted_label"].map(index).to_numpy())
+    uuids, labels, classes = ref
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, np.array([index[c] for c in labels]), np.stack(preds_a), np.stack(preds_b)
+
+
+def _issue_rates(cfg: DictConfig, classes: list[str]) -> pd.Series:
+    path = Path(cfg.compare.issues) if cfg.compare.get("issues") else out_path(cfg, "flag", "issues_per_class.csv")
+    if not path.is_file():
+        log.warning("compare: %s not found; issue_rate left empty", path)
+        return pd.Series(np.nan, index=classes)
+    per = pd.read_csv(path, dtype={"class": str}, keep_default_na=False)
+    return per.set_index("class")["issue_rate"].astype(float).reindex(classes)
+
+
+def _flag_set(ref: str) -> pd.DataFrame:
+    """A flag run's label_issues.csv, from a run id or a path."""
+    path = Path(ref)
+    if not path.is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = Path(mlflow.artifacts.download_artifacts(run_id=ref, artifact_path="label_issues.csv",
+                                                                dst_path=tmp))
+                return pd.read_csv(path, dtype={"image_uuid": str, "given_label": str}, keep_default_na=False)
+            except Exception as e:
+                raise CleanloopError(f"compare.flag_runs: {ref!r} is neither a label_issues.csv nor a flag run id") from e
+    return pd.read_csv(path, dtype={"image_uuid": str, "given_label": str}, keep_default_na=False)
+
+
+def flag_overlap(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per class: rows flagged by A, by B, by both, by one only; and the rows only one flagged."""
+    flags = lambda df: df["is_label_issue"].astype(str).str.lower().isin(["true", "1"])  # noqa: E731
+    fa = a.loc[flags(a), ["image_uuid", "given_label"]]
+    fb = b.loc[flags(b), ["image_uuid", "given_label"]]
+    merged = fa.merge(fb, on=["image_uuid", "given_label"], how="outer", indicator=True)
+    merged["flagged_by"] = merged["_merge"].map({"left_only": "a_only", "right_only": "b_only", "both": "both"})
+    per = merged.pivot_table(index="given_label", columns="flagged_by", values="image_uuid", aggfunc="count",
+                             fill_value=0).reindex(columns=["both", "a_only", "b_only"], fill_value=0)
+    per = per.reset_index().rename(columns={"given_label": "class"})
+    per["n_a"], per["n_b"] = per["both"] + per["a_only"], per["both"] + per["b_only"]
+    only = merged[merged["flagged_by"] != "both"][["image_uuid", "given_label", "flagged_by"]]
+    return per[["class", "n_a", "n_b", "both", "a_only", "b_only"]], only.sort_values(["flagged_by", "given_label",
+                                                                                        "image_uuid"])
+
+
+def run(cfg: DictConfig) -> dict:
+    exp_id = setup(cfg.tracking)
+    pairs = find_pairs(cfg, exp_id)
+    classes, labels, preds_a, preds_b = _aligned(pairs)
+    cc = cfg.compare
+    boot = paired_bootstrap(labels, preds_a, preds_b, num_classes=len(classes), n_bootstrap=cc.n_bootstrap,
+                            confidence=cc.confidence, seed=cc.seed)
+    rec = boot["recall"]
+    table = pd.DataFrame({
+        "class": classes, "recall_baseline": rec["value_a"].to_numpy(), "recall_cleaned": rec["value_b"].to_numpy(),
+        "delta": rec["delta"].to_numpy(), "ci_low": rec["ci_low"].to_numpy(), "ci_high": rec["ci_high"].to_numpy(),
+        "issue_rate": _issue_rates(cfg, classes).to_numpy(),
+    }).sort_values(["issue_rate", "class"], ascending=[False, True], kind="mergesort").reset_index(drop=True)
+    out_dir = out_path(cfg, "compare")
+    baseline_ids, cleaned_ids = [a for a, _ in pairs], [b for _, b in pairs]
+    tags = {"cleanloop.baseline_runs": ",".join(baseline_ids), "cleanloop.cleaned_runs": ",".join(cleaned_ids),
+            "cleanloop.recipe": _run_tags(cleaned_ids[0]).get("cleanloop.recipe", "")}
+    with step_run(cfg, "compare", tags=tags) as run:
+        write_csv(out_dir / "recall_deltas.csv", table)
+        n_seeds = len(pairs)
+        recall_deltas_chart(table, out_dir / "recall_deltas.png",
+                            title=f"Recall change after cleaning (cleaned - baseline), {cc.confidence:.0%} paired "
+                                  f"bootstrap CI, {n_seeds} seed{'s' if n_seeds > 1 else ''}")
+        metrics = {}
+        for _, r in table.iterrows():
+            key = f"delta/recall/{metric_key(r['class'])}"
+            metrics.update({key: r["delta"], f"{key}/ci_low": r["ci_low"], f"{key}/ci_high": r["ci_high"]})
+        for stat in STATISTICS:
+            s = boot[stat]
+            metrics.update({f"delta/{stat}": s["delta"], f"delta/{stat}/ci_low": s["ci_low"],
+                            f"delta/{stat}/ci_high": s["ci_high"], f"baseline/{stat}": s["value_a"],
+                            f"cleaned/{stat}": s["value_b"]})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if pd.notna(v)})
+        summary = {"run_id": run.info.run_id, "baseline_runs": baseline_ids, "cleaned_runs": cleaned_ids,
+                   "n_seeds": n_seeds, "n_test": int(len(labels)),
+                   **{stat: {k: float(v) for k, v in boot[stat].items()} for stat in STATISTICS},
+                   "recall": table.replace({np.nan: None}).to_dict(orient="records")}
+        artifacts = [out_dir / "recall_deltas.csv", out_dir / "recall_deltas.png"]
+        if cc.get("flag_runs"):
+            refs = list(cc.flag_runs)
+            if len(refs) != 2:
+                raise CleanloopError("compare.flag_runs: give exactly two flag runs, e.g. compare.flag_runs=[ID_A,ID_B]")
+            per, only = flag_overlap(_flag_set(str(refs[0])), _flag_set(str(refs[1])))
+            write_csv(out_dir / "flag_overlap.csv", per)
+            write_csv(out_dir / "flag_only_rows.csv", only)
+            n_both, n_a, n_b = int(per["both"].sum()), int(per["n_a"].sum()), int(per["n_b"].sum())
+            union = n_a + n_b - n_both
+            flags = {"flags/n_a": n_a, "flags/n_b": n_b, "flags/n_both": n_both,
+                     "flags/jaccard": n_both / union if union else 1.0}
+            mlflow.log_metrics(flags)
+            mlflow.set_tags({"cleanloop.flag_run_a": str(refs[0]), "cleanloop.flag_run_b": str(refs[1])})
+            summary["flags"] = {**flags, "a": str(refs[0]), "b": str(refs[1])}
+            artifacts += [out_dir / "flag_overlap.csv", out_dir / "flag_only_rows.csv"]
+        write_json(out_dir / "compare_summary.json", summary)
+        log_artifact_files([*artifacts, out_dir / "compare_summary.json"])
+    ba = boot["balanced_accuracy"]
+    log.info("compare: balanced accuracy %.4f -> %.4f (delta %+.4f, %.0f%% CI %+.4f..%+.4f) over %d seed pair(s) "
+             "-> %s", ba["value_a"], ba["value_b"], ba["delta"], 100 * cc.confidence, ba["ci_low"], ba["ci_high"],
+             n_seeds, out_dir)
+    return summary

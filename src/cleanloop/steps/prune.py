@@ -1,0 +1,81 @@
+"""``cleanloop prune``: the cleaned manifest, less the flagged train rows (reviewers' word first).
+
+Writes ``prune/cleaned_manifest.<ext>`` in the input's format with all its columns, and
+``prune/pruned_rows.csv`` saying why each row went. Val and test rows are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from omegaconf import DictConfig
+
+from cleanloop.config import file_hash
+from cleanloop.errors import CleanloopError
+from cleanloop.io import write_csv, write_table
+from cleanloop.manifest import read_manifest
+from cleanloop.pruning import apply_pruning, read_decisions, select_pruned
+from cleanloop.steps.common import load_input, out_path
+from cleanloop.tracking import log_artifact_files, metric_key, step_run
+
+log = logging.getLogger(__name__)
+
+
+def _read_csv(path: Path, what: str, hint: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise CleanloopError(f"{path}: {what} not found; {hint}")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except Exception as e:
+        raise CleanloopError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from e
+
+
+def run(cfg: DictConfig) -> Path:
+    m = load_input(cfg)
+    train = m.train
+    pc = cfg.prune
+    issues_path = Path(pc.issues) if pc.get("issues") else out_path(cfg, "flag", "label_issues.csv")
+    issues = _read_csv(issues_path, "label issues", "run `cleanloop flag` first or set prune.issues=PATH")
+    unknown = sorted(set(issues["image_uuid"]) - set(train["image_uuid"]))
+    if unknown:
+        raise CleanloopError(f"{issues_path}: {len(unknown)} image_uuid(s) are not train rows of {m.source} "
+                             f"(first: {unknown[:3]}); it was flagged on another manifest: re-run `cleanloop flag`")
+    issues["label_quality"] = pd.to_numeric(issues["label_quality"], errors="coerce")
+    decisions = None
+    if pc.get("decisions"):
+        path = Path(pc.decisions)
+        raw = _read_csv(path, "decisions file", "export it from the review page or write image_uuid,decision")
+        decisions = read_decisions(raw, classes=m.classes, known_uuids=set(issues["image_uuid"]), source=str(path))
+    pruned = select_pruned(
+        issues, drop_label_issues=pc.drop_label_issues, drop_outliers=pc.drop_outliers,
+        max_fraction_per_class=pc.max_fraction_per_class,
+        n_train_per_class=train["label"].value_counts().to_dict(), decisions=decisions, source=str(issues_path),
+    )
+    cleaned = apply_pruning(read_manifest(m.source), pruned)
+
+    out_dir = out_path(cfg, "prune")
+    ext = ".parquet" if m.fmt == "parquet" else ".csv"
+    manifest_out = out_dir / f"cleaned_manifest{ext}"
+    tags = {"cleanloop.data": file_hash(m.source), "cleanloop.reviewed": str(decisions is not None).lower()}
+    with step_run(cfg, "prune", tags=tags):
+        for stale in out_dir.glob("cleaned_manifest.*"):
+            if stale != manifest_out:  # train role=cleaned must find exactly one
+                stale.unlink()
+        write_table(manifest_out, cleaned)
+        write_csv(out_dir / "pruned_rows.csv", pruned)
+        dropped = pruned[pruned["new_label"].isna()]
+        counts = dropped["given_label"].value_counts()
+        mlflow.log_metrics({
+            "prune/n_pruned": len(dropped), "prune/n_relabelled": int(pruned["new_label"].notna().sum()),
+            "prune/fraction": len(dropped) / len(train),
+            **{f"prune/n_pruned/{metric_key(c)}": int(counts.get(c, 0)) for c in m.classes},
+        })
+        log_artifact_files([out_dir / "pruned_rows.csv", manifest_out])
+    reasons = pruned["reason"].value_counts().to_dict()
+    log.info("prune: removed %d of %d train rows (%s), relabelled %d -> %s", len(dropped), len(train),
+             ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "none",
+             int(pruned["new_label"].notna().sum()), manifest_out)
+    return manifest_out
