@@ -23,22 +23,27 @@ CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 _WORDS = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor".split()
 
 
-def noise_matrix(k: int, noise_rate: float, *, seed: int) -> np.ndarray:
+def noise_matrix(k: int, noise_rate: float, *, seed: int, n_heavy: int = 3, heavy_rate: float = 0.35) -> np.ndarray:
     """A K x K column-stochastic matrix P(given=i | true=j) with systematic, class-conditional noise.
 
-    Half the classes (chosen by ``seed``) are heavily noised (1.6 x ``noise_rate``), the rest
-    lightly (0.4 x), so the mean flip rate is ``noise_rate``. Each class's flips go to two
-    look-alike classes, two thirds and one third, like the team's systematic wrong labels.
+    ``n_heavy`` classes (chosen by ``seed``) lose ``heavy_rate`` of their labels, almost all to
+    one look-alike class, like the team's systematic wrong labels (nail-fungus labels on
+    armpit photos); the other classes share the rest so that the prior-free mean flip rate is
+    ``noise_rate``, split two to one between two other classes.
     """
     rng = np.random.default_rng(seed)
-    heavy = rng.permutation(k)[: k // 2]
-    rates = np.full(k, 0.4 * noise_rate)
-    rates[heavy] = 1.6 * noise_rate
+    light_rate = (k * noise_rate - n_heavy * heavy_rate) / (k - n_heavy)
+    if not 0.0 <= light_rate < 1.0:
+        raise ValueError(f"noise_rate={noise_rate} cannot be met with {n_heavy} classes at {heavy_rate}")
+    heavy = rng.permutation(k)[:n_heavy]
+    rates = np.full(k, light_rate)
+    rates[heavy] = heavy_rate
     nm = np.diag(1.0 - rates)
     for j in range(k):
         a, b = rng.choice([i for i in range(k) if i != j], size=2, replace=False)
-        nm[a, j] += rates[j] * 2 / 3
-        nm[b, j] += rates[j] / 3
+        share = 0.9 if j in heavy else 2 / 3
+        nm[a, j] += rates[j] * share
+        nm[b, j] += rates[j] * (1 - share)
     return nm
 
 

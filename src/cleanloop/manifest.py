@@ -131,7 +131,7 @@ def validate(
             )
     if min_train_per_class:
         counts = train["label"].value_counts()
-        small = counts[counts < min_train_per_class]
+        small = counts[counts < min_train_per_class].sort_index().sort_values(kind="mergesort")  # smallest first
         if not small.empty:
             name, n = small.index[0], int(small.iloc[0])
             raise CleanloopError(

@@ -17,6 +17,7 @@ import lightning as L
 import mlflow
 import numpy as np
 import pandas as pd
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cleanloop.data import ManifestDataModule, set_memory_cache
@@ -70,7 +71,7 @@ def make_datamodule(cfg: DictConfig, classes: Sequence[str], train: pd.DataFrame
         val=val,
         predict=predict,
         num_workers=cfg.data.num_workers,
-        pin_memory=cfg.data.pin_memory,
+        pin_memory=bool(cfg.data.pin_memory) and torch.cuda.is_available(),
     )
 
 

@@ -185,8 +185,8 @@ def run(cfg: DictConfig) -> dict:
         write_csv(out_dir / "recall_deltas.csv", table)
         n_seeds = len(pairs)
         recall_deltas_chart(table, out_dir / "recall_deltas.png",
-                            title=f"Recall change after cleaning (cleaned - baseline), {cc.confidence:.0%} paired "
-                                  f"bootstrap CI, {n_seeds} seed{'s' if n_seeds > 1 else ''}")
+                            title=f"Recall change after cleaning, {cc.confidence:.0%} CI "
+                                  f"({n_seeds} seed{'s' if n_seeds > 1 else ''})")
         metrics = {}
         for _, r in table.iterrows():
             key = f"delta/recall/{metric_key(r['class'])}"
