@@ -234,7 +234,7 @@ def test_oof_refuses_class_with_fewer_rows_than_folds(capsys, tiny_manifest, tmp
 
 
 @pytest.mark.parametrize("decision,expected", [
-    ("nobody,drop", "unknown image_uuid"),
+    ("nobody,drop", "1 image_uuid(s) not among the scored train rows, first: 'nobody' at line 2"),
     ("dark-1,relabel:purple", "purple"),
 ])
 def test_prune_refuses_bad_decisions(capsys, tiny_manifest, tmp_path, decision, expected):
