@@ -11,6 +11,7 @@ from cleanloop.errors import CleanloopError
 from cleanloop.manifest import load_manifest
 from cleanloop.model import Classifier, backbone_from_config, load_backbone
 from cleanloop.training import fit_predict
+
 from conftest import run_cli
 
 TINY = dict(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64,

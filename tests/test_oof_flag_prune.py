@@ -14,12 +14,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_cfg
 
 from cleanloop import cli
 from cleanloop.folds import assign_folds
 from cleanloop.oof_file import oof_frame, read_meta, write_oof
 from cleanloop.steps import flag, oof, prune, train
+
+from conftest import make_cfg
 
 FAST = ("recipe.epochs=3",)  # enough to exercise the loop; accuracy is the cycle test's job
 

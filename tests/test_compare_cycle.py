@@ -1,0 +1,123 @@
+"""Issue 4: compare (pairing, refusals, flag-set overlap) and the whole cycle on the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from cleanloop.errors import CleanloopError
+from cleanloop.steps import compare
+from cleanloop.steps.train import probs_frame
+
+from conftest import make_cfg, run_cli
+
+CLASSES = ["a", "b", "c"]
+
+
+def log_train_run(cfg, role: str, *, recipe: str = "r1", seed: int = 0, correct: float = 0.8, rng_seed: int = 0):
+    """A finished train run as `cleanloop train` leaves it: tags plus test_predictions.parquet."""
+    from cleanloop.tracking import setup
+
+    setup(cfg.tracking)
+    rng = np.random.default_rng(rng_seed)
+    labels = np.repeat(np.arange(3), 100)
+    preds = np.where(rng.random(300) < correct, labels, (labels + 1) % 3)
+    probs = np.eye(3)[preds]
+    tags = {"cleanloop.step": "train", "cleanloop.role": role, "cleanloop.recipe": recipe,
+            "cleanloop.test": "t1", "cleanloop.source_data": "d1", "cleanloop.seed": str(seed)}
+    with mlflow.start_run(tags=tags) as run:
+        folder = Path(cfg.paths.root_dir) / run.info.run_id
+        folder.mkdir()
+        df = probs_frame([f"u{i:03d}" for i in range(300)], [CLASSES[i] for i in labels], probs, CLASSES)
+        df.to_parquet(folder / "test_predictions.parquet", index=False)
+        mlflow.log_artifact(str(folder / "test_predictions.parquet"))
+    return run.info.run_id
+
+
+def test_compare_without_cleaned_run_says_what_to_run(tmp_path):
+    cfg = make_cfg(tmp_path)
+    log_train_run(cfg, "baseline")
+    with pytest.raises(CleanloopError, match=r"run `cleanloop train role=cleaned` \(or `make train-cleaned`\)"):
+        compare.run(cfg)
+
+
+def test_compare_refuses_runs_of_different_recipes(tmp_path):
+    cfg = make_cfg(tmp_path)
+    a = log_train_run(cfg, "baseline", recipe="r1")
+    b = log_train_run(cfg, "cleaned", recipe="r2")
+    with pytest.raises(CleanloopError, match="the recipes differ"):
+        compare.run(make_cfg(tmp_path, f"compare.baseline={a}", f"compare.cleaned={b}"))
+    with pytest.raises(CleanloopError, match="has no baseline of the same recipe"):
+        compare.run(cfg)  # automatic pairing finds no baseline with the cleaned run's recipe
+
+
+def test_compare_pairs_seeds_and_writes_outputs(tmp_path):
+    cfg = make_cfg(tmp_path, "compare.n_bootstrap=200")
+    for seed in range(3):
+        log_train_run(cfg, "baseline", seed=seed, correct=0.7, rng_seed=seed)
+        log_train_run(cfg, "cleaned", seed=seed, correct=0.9, rng_seed=10 + seed)
+    log_train_run(cfg, "baseline", recipe="other", seed=0, correct=0.1)  # never paired
+    summary = compare.run(cfg)
+    assert summary["n_seeds"] == 3 and len(summary["baseline_runs"]) == 3
+    ba = summary["balanced_accuracy"]
+    assert 0.15 < ba["delta"] < 0.25 and ba["ci_low"] > 0
+    table = pd.read_csv(tmp_path / "outputs" / "demo" / "compare" / "recall_deltas.csv")
+    assert list(table.columns) == ["class", "recall_baseline", "recall_cleaned", "delta", "ci_low", "ci_high",
+                                   "issue_rate"]
+    assert (table["ci_low"] <= table["delta"]).all() and (table["delta"] <= table["ci_high"]).all()
+    run = mlflow.get_run(summary["run_id"])
+    assert {"delta/top1", "delta/balanced_accuracy", "delta/recall/a", "delta/recall/a/ci_low",
+            "delta/recall/a/ci_high"} <= set(run.data.metrics)
+
+
+def test_flag_sets_side_by_side(tmp_path):
+    def issues(flagged):
+        return pd.DataFrame({"image_uuid": [f"u{i}" for i in range(6)], "given_label": list("aabbcc"),
+                             "is_label_issue": [i in flagged for i in range(6)]})
+
+    per, only = compare.flag_overlap(issues({0, 1, 2}), issues({1, 2, 4}))
+    per = per.set_index("class")
+    assert per.loc["a", "both"] == 1 and per.loc["a", "a_only"] == 1 and per.loc["c", "b_only"] == 1
+    assert set(only["image_uuid"]) == {"u0", "u4"}
+    assert set(only.loc[only["image_uuid"] == "u0", "flagged_by"]) == {"a_only"}
+
+
+@pytest.mark.slow
+def test_cycle_on_demo_end_to_end(tmp_path, demo_dir):
+    args = ["cycle", f"data.manifest={demo_dir}/manifest.csv", f"paths.root_dir={tmp_path}"]
+    r = run_cli(*args, cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "balanced accuracy" in r.stdout and "recall moved most" in r.stdout and "mislabel_candidates.png" in r.stdout
+    summary = json.loads((tmp_path / "outputs" / "demo" / "summary.json").read_text())
+    gt = summary["flag"]["ground_truth"]
+    assert gt["precision"] >= 0.80 and gt["recall"] >= 0.70 and gt["garbage_found"] == gt["n_garbage"] == 12
+    assert summary["cleaned"]["balanced_accuracy"] > summary["baseline"]["balanced_accuracy"]
+    assert summary["baseline"]["top1"] >= 0.90
+    for p in summary["paths"].values():
+        assert os.path.exists(p if os.path.isabs(p) else tmp_path / p)
+
+    # one parent run per cycle, every step nested under it, folds under the oof run
+    mlflow.set_tracking_uri(summary["mlflow"]["tracking_uri"])
+    runs = mlflow.search_runs(search_all_experiments=True)
+    cycle = runs[runs["tags.cleanloop.step"] == "cycle"]
+    assert len(cycle) == 1
+    children = runs[runs["tags.mlflow.parentRunId"] == cycle.iloc[0]["run_id"]]
+    assert sorted(children["tags.cleanloop.step"]) == ["compare", "flag", "oof", "prune", "train", "train"]
+    oof_id = children[children["tags.cleanloop.step"] == "oof"].iloc[0]["run_id"]
+    assert (runs["tags.mlflow.parentRunId"] == oof_id).sum() == 5
+    trains = children[children["tags.cleanloop.step"] == "train"]
+    assert sorted(trains["tags.cleanloop.role"]) == ["baseline", "cleaned"]
+    assert trains["tags.cleanloop.recipe"].nunique() == 1 and trains["tags.cleanloop.test"].nunique() == 1
+
+    # same inputs and config: every step is skipped and says so
+    again = run_cli(*args, cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for step in ("oof", "flag", "prune", "train-baseline", "train-cleaned"):
+        assert f"cycle: {step} skipped" in again.stdout
+    assert "fold 1/5 trained" not in again.stdout
