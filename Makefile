@@ -22,7 +22,7 @@ help: ## list the targets
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install $(TORCH)
 	$(BIN)/pip install -e ".[dev]"
 	@touch $(STAMP)
 
