@@ -14,7 +14,7 @@ UI_PORT ?= 5000
 STORE := sqlite:///$(CURDIR)/mlruns/mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast lint cycle demo-data oof flag prune train-baseline train-cleaned compare sweep ui bench clean
+.PHONY: help venv test test-fast lint cycle demo-data oof flag prune review train-baseline train-cleaned compare sweep ui bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ flag: $(STAMP) ## cleanlab label issues and outliers
 
 prune: $(STAMP) ## write the cleaned manifest
 	$(BIN)/cleanloop prune $(ARGS)
+
+review: $(STAMP) ## the review page for flagged rows: outputs/<data>/review/index.html
+	$(BIN)/cleanloop review $(ARGS)
 
 train-baseline: $(STAMP) ## train on the input manifest
 	$(BIN)/cleanloop train role=baseline $(ARGS)

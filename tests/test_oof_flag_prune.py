@@ -43,7 +43,7 @@ def run_main(capsys, *args: str) -> tuple[int, str]:
 def demo_oof(tmp_path_factory, demo_dir):
     root = tmp_path_factory.mktemp("oofrun")
     cfg = make_cfg(root, f"data.manifest={demo_dir}/manifest.csv", *FAST)
-    path = oof.run(cfg)
+    path = Path(oof.run(cfg)["path"])
     return cfg, path
 
 
@@ -99,13 +99,14 @@ def test_killed_oof_resumes_at_first_unfinished_fold(demo_oof, demo_dir, tmp_pat
     args = [f"data.manifest={demo_dir}/manifest.csv", f"paths.root_dir={tmp_path}", *FAST]
     exe = str(Path(sys.executable).with_name("cleanloop"))
     proc = subprocess.Popen([exe, "oof", *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    second = tmp_path / "outputs" / "demo" / "oof" / "folds" / "fold-1.parquet"
+    entries = tmp_path / ".cache" / "cleanloop" / "steps" / "oof"
     deadline = time.time() + 300
-    while not second.exists() and proc.poll() is None and time.time() < deadline:
+    while not list(entries.glob("*/folds/fold-1.parquet")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # killed after fold 2 of 5, mid-way through fold 3
     proc.wait()
-    assert second.exists() and not (tmp_path / "outputs" / "demo" / "oof" / "oof_probs.parquet").exists()
+    assert list(entries.glob("*/folds/fold-1.parquet"))
+    assert not list(entries.glob("*/folds/fold-4.parquet")) and not list(entries.glob("*/oof_probs.parquet"))
     again = subprocess.run([exe, "oof", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     log = again.stdout
@@ -122,7 +123,7 @@ def test_killed_oof_resumes_at_first_unfinished_fold(demo_oof, demo_dir, tmp_pat
 @pytest.mark.slow
 def test_flag_outputs_agree_and_repeat(demo_oof):
     cfg, _ = demo_oof
-    out = flag.run(cfg)
+    out = Path(flag.run(cfg)["out_dir"])
     issues = pd.read_csv(out / "label_issues.csv", dtype={"given_label": str, "predicted_label": str})
     assert list(issues.columns) == ["image_uuid", "path", "given_label", "predicted_label", "label_quality",
                                     "is_label_issue", "outlier_score", "is_outlier"]
@@ -143,10 +144,12 @@ def test_flag_outputs_agree_and_repeat(demo_oof):
     summary = json.loads((out / "flag_summary.json").read_text())
     assert "ground_truth" in summary and 0 <= summary["ground_truth"]["precision"] <= 1
     before = sha(out / "label_issues.csv")
-    flag.run(cfg)
-    assert sha(out / "label_issues.csv") == before  # same OOF, same config: same flags
+    again = flag.run(make_cfg(Path(cfg.paths.root_dir), f"data.manifest={cfg.data.manifest}", *FAST,
+                              "paths.reuse_steps=false"))  # recompute, not reuse
+    assert again["reused"] is False and sha(out / "label_issues.csv") == before  # same OOF and config: same flags
+    assert flag.run(cfg)["reused"] is True
 
-    cleaned_path = prune.run(cfg)
+    cleaned_path = Path(prune.run(cfg)["path"])
     manifest = pd.read_csv(cfg.data.manifest, dtype=str, keep_default_na=False)
     cleaned = pd.read_csv(cleaned_path, dtype=str, keep_default_na=False)
     pruned = pd.read_csv(cleaned_path.with_name("pruned_rows.csv"), dtype=str, keep_default_na=False)
@@ -169,7 +172,7 @@ def test_insample_scoring_of_a_checkpoint(demo_oof):
     model_dir = Path(cfg.paths.out_dir) / "train" / "baseline" / "model"
     cfg_in = make_cfg(Path(cfg.paths.root_dir), f"data.manifest={cfg.data.manifest}", *FAST, "oof=insample",
                       f"oof.checkpoint={model_dir}", "paths.out_dir=" + str(Path(cfg.paths.root_dir) / "insample"))
-    path = oof.run(cfg_in)
+    path = Path(oof.run(cfg_in)["path"])
     df = pd.read_parquet(path)
     assert (df["fold"] == -1).all() and len(df) == 1359
     assert read_meta(path)["method"] == "insample"
@@ -185,11 +188,11 @@ def test_sigmoid_head_rows_normalised_before_cleanlab(tiny_manifest, tmp_path):
     cfg = make_cfg(tmp_path, "data=manifest", f"data.manifest={tiny_manifest}", "data.num_workers=0",
                    "recipe.head=sigmoid", "recipe.epochs=1", "oof.n_folds=2", "model.image_size=16",
                    "model.config.image_size=16", "flag.outlier.top_fraction=0.1")
-    path = oof.run(cfg)
+    path = Path(oof.run(cfg)["path"])
     df = pd.read_parquet(path)
     assert read_meta(path)["head"] == "sigmoid"
     assert not np.allclose(df[["bright", "dark", "mid"]].sum(1), 1.0)  # raw sigmoid scores stored
-    out = flag.run(cfg)
+    out = Path(flag.run(cfg)["out_dir"])
     assert json.loads((out / "flag_summary.json").read_text())["normalised_rows"] is True
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`cleanloop.step` = 'flag'")
     assert runs.iloc[0]["tags.cleanloop.normalised_rows"] == "true"

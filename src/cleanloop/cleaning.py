@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from cleanlab.count import _reduce_issues
+from cleanlab.experimental.label_issues_batched import LabelInspector
 from cleanlab.filter import find_label_issues
 from cleanlab.outlier import OutOfDistribution
 from cleanlab.rank import get_label_quality_scores
@@ -37,6 +39,22 @@ FILTER_BY = (
     "low_self_confidence",
 )
 RANK_BY = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
+# The filter_by values cleanlab's batched finder implements, and the score it ranks by for each
+# (cleanlab.experimental.label_issues_batched); any other filter_by needs pred_probs in memory.
+BATCHED_FILTER_BY = {"low_self_confidence": "self_confidence", "low_normalized_margin": "normalized_margin"}
+# What batched uses in place of any other filter_by. Against known noise it is closer to
+# prune_by_noise_rate than low_self_confidence is (demo: precision 0.91 / recall 0.76 against
+# 0.85 / 0.71; prune_by_noise_rate 0.90 / 0.90; bench/RESULTS.md B2 for the synthetic data).
+BATCHED_FALLBACK = "low_normalized_margin"
+
+# find_issues streams pred_probs in row chunks above this many cells (N x K). In memory it peaks at
+# about BYTES_PER_CELL bytes per cell above its input (float64 copies and cleanlab's temporaries;
+# bench/RESULTS.md, B2), so 2**28 cells (268M: 268k rows x 1000 classes, or 10.7M rows x 25) need
+# about 6 GiB, a quarter of a 24 GiB machine; ImageNet's 1.28M x 1000 would need about 30 GiB.
+BATCHED_ABOVE_CELLS = 2**28
+BYTES_PER_CELL = 25
+# Cells per chunk when streaming: 2**24 float32 cells are 64 MiB (16k rows x 1000 classes).
+BATCH_CELLS = 2**24
 
 # How far outside [0, 1] a probability may stray (float32 softmax/sigmoid rounding) before it is
 # an error rather than noise; values within it are clipped into [0, 1].
@@ -104,8 +122,25 @@ def check_pred_probs(
             f"{where} has shape {probs.shape}, expected ({n_rows}, {n_classes}) (N rows x K classes); {fix}"
         )
 
+    _check_values(probs, where=where, fix=fix, uuids=uuids, n_rows=n_rows)
+    # Clip in place only when asarray made a fresh copy (e.g. from float32): never the caller's data.
+    fresh = probs is not pred_probs and probs.base is None
+    return np.clip(probs, 0.0, 1.0, out=probs if fresh else None)
+
+
+def _check_values(probs: np.ndarray, *, where: str, fix: str, uuids=None, n_rows: int, first_row: int = 0) -> None:
+    """Raise on NaN, infinity or values outside [0, 1] (beyond ``PROB_TOLERANCE``), naming the first bad row.
+
+    ``probs`` may be the chunk of an ``n_rows``-row array that starts at row ``first_row``.
+    """
+    if probs.size == 0:
+        return
+    lo, hi = float(probs.min()), float(probs.max())  # a NaN makes both NaN, failing the test below
+    if -PROB_TOLERANCE <= lo and hi <= 1 + PROB_TOLERANCE:
+        return  # the usual case: two cheap passes, no N x K masks
+
     def first(bad_rows: np.ndarray) -> str:
-        i = int(np.flatnonzero(bad_rows)[0])
+        i = first_row + int(np.flatnonzero(bad_rows)[0])
         if uuids is not None and len(uuids) == n_rows:
             return f"first image_uuid {str(uuids[i])!r} (row {i})"
         return f"first row {i}"
@@ -121,7 +156,6 @@ def check_pred_probs(
             raise CleanloopError(
                 f"{where} has {problem} in {int(bad_rows.sum())} row(s), {first(bad_rows)}; {fix}"
             )
-    return np.clip(probs, 0.0, 1.0)
 
 
 def normalise_rows(pred_probs) -> np.ndarray:
@@ -186,8 +220,19 @@ def find_issues(
     min_examples_per_class: int = 1,
     n_jobs: int = 1,
     rank_by: str = "self_confidence",
+    batched: bool | None = None,
 ) -> pd.DataFrame:
     """Score every row's label and flag the likely mislabelled ones, with cleanlab.
+
+    In memory (the default below ``BATCHED_ABOVE_CELLS``) this is cleanlab's
+    ``filter.find_label_issues`` and ``rank.get_label_quality_scores`` on float64 ``pred_probs``.
+    Batched, ``pred_probs`` (e.g. a ``np.load(..., mmap_mode="r")`` memmap) is read in row chunks:
+    label quality chunk by chunk (the same per-row scores), and the flags as cleanlab's
+    ``experimental.label_issues_batched.find_label_issues_batched`` finds them, which implements
+    only ``filter_by="low_self_confidence"`` or ``"low_normalized_margin"``. Any other ``filter_by``
+    is then replaced by ``BATCHED_FALLBACK``, with a warning (cleanlab's
+    ``CleanLearning(low_memory=True)`` likewise warns that it drops its filter options);
+    ``frac_noise`` and ``min_examples_per_class`` apply to the prune_by_* filters only.
 
     Parameters
     ----------
@@ -205,6 +250,8 @@ def find_issues(
         cleanlab's ``n_jobs`` (processes; 1 keeps it in this process).
     rank_by : str
         cleanlab's ``method`` for the label quality score: one of ``RANK_BY``.
+    batched : bool or None
+        None: batched when N x K > ``BATCHED_ABOVE_CELLS``. True / False: always / never.
 
     Returns
     -------
@@ -229,6 +276,10 @@ def find_issues(
     if k < 2:
         raise CleanloopError(f"pred_probs has {k} column(s); label issues need at least 2 classes")
     labels_arr = _check_labels(labels, n_rows=n, n_classes=k)
+    if batched is None:
+        batched = n * k > BATCHED_ABOVE_CELLS
+    if batched:
+        return _find_issues_batched(labels_arr, probs, filter_by=filter_by, n_jobs=n_jobs, rank_by=rank_by)
     probs = check_pred_probs(probs, n_rows=n, n_classes=k)
 
     is_issue = find_label_issues(
@@ -247,6 +298,55 @@ def find_issues(
             "is_label_issue": np.asarray(is_issue, dtype=bool),
         }
     )
+
+
+def _find_issues_batched(labels: np.ndarray, pred_probs, *, filter_by: str, n_jobs: int, rank_by: str) -> pd.DataFrame:
+    """``find_issues`` reading ``pred_probs`` in row chunks of about ``BATCH_CELLS`` cells, in two passes.
+
+    This is ``find_label_issues_batched(..., return_mask=True)`` written out with its
+    ``LabelInspector`` (cleanlab's documented way to customise it), for two reasons: its last
+    step, ``_reduce_issues`` (never flag a row whose given label is the argmax), copies the whole
+    of ``pred_probs`` into memory, and here it runs chunk by chunk instead; and the second pass
+    also computes ``predicted`` and ``label_quality``, so ``pred_probs`` is read twice, not three times.
+    """
+    n, k = pred_probs.shape
+    if pred_probs.dtype.kind not in "biuf":
+        raise CleanloopError(f"pred_probs is not a numeric array (dtype {pred_probs.dtype}); {PRED_PROBS_FIX}")
+    if filter_by not in BATCHED_FILTER_BY:
+        warnings.warn(
+            f"filter_by={filter_by!r} needs pred_probs in memory; with {n} x {k} = {n * k:,} cells "
+            f"(batched above {BATCHED_ABOVE_CELLS:,}) cleanlab's batched {BATCHED_FALLBACK} filter is used "
+            f"instead; choose filter_by={' or '.join(BATCHED_FILTER_BY)}, or batched=False to keep "
+            f"{filter_by} (about {BYTES_PER_CELL * n * k / 2**30:.0f} GiB of memory)",
+            UserWarning,
+            stacklevel=3,
+        )
+        filter_by = BATCHED_FALLBACK
+    rows = max(1, BATCH_CELLS // k)
+    chunks = [(start, min(n, start + rows)) for start in range(0, n, rows)]
+    inspector = LabelInspector(num_class=k, verbose=False, n_jobs=n_jobs,
+                               quality_score_kwargs={"method": BATCHED_FILTER_BY[filter_by]})
+    for start, stop in chunks:  # pass 1: check every value, then per-class confident thresholds
+        chunk = np.asarray(pred_probs[start:stop])
+        _check_values(chunk, where="pred_probs", fix=PRED_PROBS_FIX, n_rows=n, first_row=start)
+        inspector.update_confident_thresholds(labels[start:stop], chunk)
+
+    predicted = np.empty(n, dtype=np.int64)
+    quality = np.empty(n, dtype=np.float64)
+    given_is_argmax = np.empty(n, dtype=bool)
+    for start, stop in chunks:  # pass 2: cleanlab's count of issues, and the per-row columns
+        chunk, chunk_labels = np.asarray(pred_probs[start:stop]), labels[start:stop]
+        inspector.score_label_quality(chunk_labels, chunk)
+        given_is_argmax[start:stop] = _reduce_issues(pred_probs=chunk, labels=chunk_labels)  # copies the chunk only
+        probs = np.clip(np.asarray(chunk, dtype=np.float64), 0.0, 1.0)  # as check_pred_probs does in memory
+        predicted[start:stop] = probs.argmax(axis=1)
+        # Each score depends on its own row only, so chunked scores equal the in-memory ones.
+        quality[start:stop] = get_label_quality_scores(chunk_labels, probs, method=rank_by)
+
+    is_issue = np.zeros(n, dtype=bool)
+    is_issue[inspector.get_label_issues()] = True  # the lowest-scored rows, as many as it counted
+    is_issue[given_is_argmax] = False
+    return pd.DataFrame({"predicted": predicted, "label_quality": quality, "is_label_issue": is_issue})
 
 
 def outlier_scores(pred_probs, *, labels=None, features=None) -> np.ndarray:
@@ -353,22 +453,31 @@ def issues_per_class(given_labels: Sequence[str], is_issue, classes: Sequence[st
         sorted by issue_rate descending, then class.
     """
     _same_length(given_labels=given_labels, is_issue=is_issue)
-    given = pd.Series(np.asarray(given_labels, dtype=object)).astype(str)
     flagged = np.asarray(is_issue, dtype=bool)
     classes = [str(c) for c in classes]
-    unknown = sorted(set(given) - set(classes))
+    # Count by distinct value (a vectorised factorize), then name each value as str(value): no
+    # Python-level pass over the N rows.
+    given = given_labels if isinstance(given_labels, pd.Series) else np.asarray(given_labels, dtype=object)
+    codes, values = pd.factorize(given, use_na_sentinel=False)
+    names, name_of_value = np.unique(np.array([str(v) for v in values], dtype=object), return_inverse=True)
+    names, name_of_value = names.tolist(), name_of_value.reshape(-1)
+    missing = np.asarray(pd.isna(values), dtype=bool)
+    unknown = sorted({names[i] for i in name_of_value[~missing]} - set(classes))
+    if missing.any():  # a missing label (None, NaN) is never a class name
+        unknown = [math.nan, *unknown]
     if unknown:
         raise CleanloopError(
             f"given label(s) {', '.join(map(repr, unknown[:10]))} are not in the class order; "
             "add them to data.classes or fix the labels"
         )
-    n_rows = given.value_counts().reindex(classes, fill_value=0)
-    n_issues = given[flagged].value_counts().reindex(classes, fill_value=0)
+    row_name = name_of_value[codes]
+    count = dict(zip(names, np.bincount(row_name, minlength=len(names)).tolist(), strict=True))
+    flagged_count = dict(zip(names, np.bincount(row_name[flagged], minlength=len(names)).tolist(), strict=True))
     out = pd.DataFrame(
         {
             "class": classes,
-            "n_rows": n_rows.to_numpy(dtype=np.int64),
-            "n_issues": n_issues.to_numpy(dtype=np.int64),
+            "n_rows": np.array([count.get(c, 0) for c in classes], dtype=np.int64),
+            "n_issues": np.array([flagged_count.get(c, 0) for c in classes], dtype=np.int64),
         }
     )
     rows = out["n_rows"].to_numpy()
@@ -378,6 +487,13 @@ def issues_per_class(given_labels: Sequence[str], is_issue, classes: Sequence[st
     return out.sort_values(["issue_rate", "class"], ascending=[False, True], kind="stable").reset_index(
         drop=True
     )
+
+
+def _flagged_values(values, flagged: np.ndarray) -> np.ndarray:
+    """``values[flagged]`` as an object array; a Series is indexed first, so only flagged rows are converted."""
+    if isinstance(values, pd.Series):
+        return values[flagged].to_numpy(dtype=object)
+    return np.asarray(values, dtype=object)[flagged]
 
 
 def issue_confusions(given_labels: Sequence[str], predicted_labels: Sequence[str], is_issue) -> pd.DataFrame:
@@ -398,8 +514,8 @@ def issue_confusions(given_labels: Sequence[str], predicted_labels: Sequence[str
     flagged = np.asarray(is_issue, dtype=bool)
     pairs = pd.DataFrame(
         {
-            "given_label": np.asarray(given_labels, dtype=object)[flagged].astype(str),
-            "predicted_label": np.asarray(predicted_labels, dtype=object)[flagged].astype(str),
+            "given_label": _flagged_values(given_labels, flagged).astype(str),
+            "predicted_label": _flagged_values(predicted_labels, flagged).astype(str),
         }
     )
     counts = pairs.groupby(["given_label", "predicted_label"]).size().rename("count").reset_index()

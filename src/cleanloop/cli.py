@@ -12,6 +12,7 @@ STEPS = {
     "oof": "cleanloop.steps.oof",
     "flag": "cleanloop.steps.flag",
     "prune": "cleanloop.steps.prune",
+    "review": "cleanloop.steps.review",
     "train": "cleanloop.steps.train",
     "compare": "cleanloop.steps.compare",
     "cycle": "cleanloop.steps.cycle",
@@ -45,6 +46,31 @@ def quiet_libraries() -> None:
         pass
 
 
+# Hydra's own flags that take a value (argparse needs flags before the positional overrides).
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                "--config-dir", "-cd", "--experimental-rerun"}
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra flags with their values, overrides), so `cleanloop flag a=1 -m b=2` parses like Hydra's own apps."""
+    flags, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-"):
+            flags.append(arg)
+            takes_value = arg in _VALUE_FLAGS or (arg in ("--info", "-i") and i + 1 < len(argv)
+                                                   and argv[i + 1] in _INFO_CHOICES)
+            if takes_value and i + 1 < len(argv):
+                flags.append(argv[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides
+
+
 def run_step(step: str, cfg):
     """Run one step on a composed config; user-facing errors become one line and exit 1."""
     from cleanloop.errors import CleanloopError
@@ -64,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE.format(steps=" | ".join(STEPS)))
         sys.exit(0 if argv else 2)
     step = argv.pop(0)
+    if step.startswith("step="):  # a relaunched worker sees the argv we built below
+        step = step.split("=", 1)[1]
     if step not in STEPS:
         print(f"cleanloop: unknown step {step!r}; choose one of {', '.join(STEPS)}", file=sys.stderr)
         sys.exit(2)
@@ -86,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         return run_step(step, cfg)
 
     # Hydra parses sys.argv; the step name becomes the job name (log file, run folder).
-    sys.argv = [f"cleanloop-{step}", f"step={step}", f"hydra.job.name={step}", *argv]
+    flags, overrides = split_args(argv)
+    sys.argv = [sys.argv[0], *flags, f"step={step}", f"hydra.job.name={step}", *overrides]
     app()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -22,6 +23,7 @@ from cleanloop.errors import CleanloopError
 log = logging.getLogger(__name__)
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+SWEEP_PARENT_ENV = "CLEANLOOP_SWEEP_RUN_ID"  # set by the multirun callback: jobs nest under the sweep's run
 _KEY_OK = re.compile(r"[^A-Za-z0-9_\-. /]")  # what MLflow accepts in metric and param keys
 
 
@@ -35,12 +37,26 @@ def key_mapping(classes) -> dict[str, str]:
     return {c: metric_key(c) for c in classes if metric_key(c) != c}
 
 
+def parent_run_tags() -> dict:
+    """Top-level runs of a multirun job nest under the sweep's parent run (cleanloop.sweep)."""
+    parent = os.environ.get(SWEEP_PARENT_ENV)
+    return {"mlflow.parentRunId": parent} if parent else {}
+
+
+def store_uri(uri: str) -> str:
+    """The URI MLflow is given: a local SQLite store waits up to 60 s for a lock instead of failing
+    with "database is locked" when parallel jobs write at once (a server is better for big sweeps)."""
+    if uri.startswith("sqlite:///") and "timeout=" not in uri:
+        return uri + ("&" if "?" in uri else "?") + "timeout=60"
+    return uri
+
+
 def setup(tracking_cfg) -> str:
     """Point MLflow at the configured store and return the experiment id (created with the UI tag)."""
     uri = str(tracking_cfg.uri)
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
+        Path(uri.removeprefix("sqlite:///").split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(store_uri(uri))
     name = tracking_cfg.experiment
     try:
         exp = mlflow.get_experiment_by_name(name)
@@ -92,7 +108,7 @@ def step_run(cfg: DictConfig, step: str, *, run_name: str | None = None, tags: d
     setup(cfg.tracking)
     nested = mlflow.active_run() is not None
     name = run_name or cfg.tracking.get("run_name") or step
-    all_tags = {"cleanloop.step": step, **(tags or {})}
+    all_tags = {"cleanloop.step": step, **(tags or {}), **({} if nested else parent_run_tags())}
     with mlflow.start_run(run_name=name, nested=nested, tags=all_tags) as run:
         if log_params:
             mlflow.log_params(_flat_params(cfg))

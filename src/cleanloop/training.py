@@ -7,9 +7,11 @@ its probabilities on any number of named row sets. ``train`` (baseline / cleaned
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import hydra
@@ -18,8 +20,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig, OmegaConf
 
+from cleanloop.config import short_hash
 from cleanloop.data import ManifestDataModule, set_memory_cache
 from cleanloop.model import Classifier, backbone_from_config
 
@@ -41,6 +45,18 @@ class EpochLog(L.Callback):
                  " ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
         if mlflow.active_run() is not None:
             mlflow.log_metrics(values, step=epoch)
+
+
+def recipe_hash(cfg: DictConfig, *, with_seed: bool = False) -> str:
+    """What makes two trainings the same recipe: model, recipe and numeric precision.
+
+    The seed is not part of the recipe (``cleanloop.seed`` is its own tag) so runs of several
+    seeds pair up by seed under one recipe; ``with_seed`` includes it, for caching.
+    """
+    recipe = OmegaConf.to_container(cfg.recipe, resolve=True)
+    if not with_seed:
+        recipe.pop("seed", None)
+    return short_hash({"model": cfg.model, "recipe": recipe, "precision": cfg.trainer.precision})
 
 
 def build_module(cfg: DictConfig, classes: Sequence[str]) -> Classifier:
@@ -107,16 +123,64 @@ def collect(outputs: list[dict]) -> Predictions:
     return Predictions(uuids, probs, emb)
 
 
+class RankPredictionWriter(BasePredictionWriter):
+    """Each rank writes its share of the predictions to ``out_dir`` (no pickle: JSON + .npy).
+
+    Under DDP, DistributedSampler pads the last batch by repeating rows so every rank gets the
+    same count; :func:`gather_predictions` puts the shares back together by ``image_uuid``.
+    """
+
+    def __init__(self, out_dir: Path):
+        super().__init__(write_interval="epoch")
+        self.out_dir = Path(out_dir)
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        if predictions and isinstance(predictions[0], dict):  # one dataloader: a flat list of batches
+            predictions = [predictions]
+        for i, outputs in enumerate(predictions):
+            stem = self.out_dir / f"loader{i}-rank{trainer.global_rank}"
+            if not outputs:
+                continue
+            pred = collect(outputs)
+            stem.with_suffix(".json").write_text(json.dumps(pred.uuids))
+            np.save(stem.with_suffix(".probs.npy"), pred.probs)
+            np.save(stem.with_suffix(".emb.npy"), pred.embeddings)
+
+
+def gather_predictions(folder: Path, loader: int, uuids: list[str]) -> Predictions:
+    """Merge every rank's share for one dataloader and return it in ``uuids`` order, each row once."""
+    parts = sorted(folder.glob(f"loader{loader}-rank*.json"))
+    got_uuids: list[str] = []
+    probs, emb = [], []
+    for part in parts:
+        stem = part.with_suffix("")
+        got_uuids += json.loads(part.read_text())
+        probs.append(np.load(stem.with_suffix(".probs.npy")))
+        emb.append(np.load(stem.with_suffix(".emb.npy")))
+    first: dict[str, int] = {}
+    for i, u in enumerate(got_uuids):
+        first.setdefault(u, i)  # DistributedSampler padding repeats rows: keep one copy
+    missing = [u for u in uuids if u not in first]
+    if missing:
+        raise RuntimeError(f"prediction lost {len(missing)} row(s), e.g. {missing[:3]}")
+    order = np.array([first[u] for u in uuids], dtype=np.int64)
+    return Predictions(list(uuids), np.concatenate(probs)[order], np.concatenate(emb)[order])
+
+
 def predict(cfg: DictConfig, module: Classifier, frames: dict[str, pd.DataFrame]) -> dict[str, Predictions]:
-    """Probabilities of ``module`` on each named frame (eval transform, no augmentation)."""
+    """Probabilities and embeddings of ``module`` on each named frame (eval transform, no augmentation).
+
+    Works the same on one process and under DDP: ranks write their shares, which are merged by
+    ``image_uuid`` so padding never duplicates or drops a row.
+    """
     if not frames:
         return {}
     dm = make_datamodule(cfg, module.classes, None, predict=frames)
     with tempfile.TemporaryDirectory() as tmp:
-        out = make_trainer(cfg, root_dir=tmp).predict(module, datamodule=dm)
-    if len(frames) == 1:
-        out = [out]
-    return {name: collect(o) for name, o in zip(frames, out, strict=True)}
+        writer = RankPredictionWriter(Path(tmp))
+        make_trainer(cfg, callbacks=[writer], root_dir=tmp).predict(module, datamodule=dm, return_predictions=False)
+        return {name: gather_predictions(Path(tmp), i, df["image_uuid"].tolist())
+                for i, (name, df) in enumerate(frames.items())}
 
 
 def fit_predict(

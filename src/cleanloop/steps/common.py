@@ -1,13 +1,18 @@
-"""What several steps share: locating the input manifest and the step's output folder."""
+"""What several steps share: the input manifest, the output folder, and the step cache."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from cleanloop.cache import StepCache, publish
 from cleanloop.demo import ensure_demo
 from cleanloop.manifest import Manifest, load_manifest
+
+log = logging.getLogger(__name__)
 
 
 def input_manifest_path(cfg: DictConfig) -> Path:
@@ -33,3 +38,28 @@ def load_input(cfg: DictConfig, path: str | Path | None = None, *, min_train_per
 
 def out_path(cfg: DictConfig, *parts: str) -> Path:
     return Path(cfg.paths.out_dir).joinpath(*parts)
+
+
+def step_cache(cfg: DictConfig) -> StepCache:
+    return StepCache(Path(cfg.paths.cache_dir) / "steps")
+
+
+def cached(cfg: DictConfig, step: str, key: str, build: Callable[[Path], dict], *, publish_to: Path,
+           names: list[str]) -> dict:
+    """Build a step's outputs into its cache entry, or reuse the entry; then publish them to ``publish_to``.
+
+    ``build(entry_dir)`` writes the outputs and returns what to remember (the MLflow run id,
+    headline figures); the returned dict adds ``key``, ``reused`` and ``dir``.
+    """
+    cache = step_cache(cfg)
+    with cache.claim(step, key) as entry:
+        if entry.done and cfg.paths.get("reuse_steps", True):
+            info = entry.info
+            log.info("%s: reused cached outputs (key %s, from run %s) -> %s", step, key, info.get("run_id"), publish_to)
+            reused = True
+        else:
+            info = build(entry.dir)
+            entry.commit(**info)
+            reused = False
+        publish(entry.dir, publish_to, names)
+    return {**info, "key": key, "reused": reused, "dir": str(entry.dir)}

@@ -16,12 +16,13 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cleanloop.bootstrap import STATISTICS, paired_bootstrap, recall_deltas_chart
+from cleanloop.config import file_hash, short_hash
 from cleanloop.errors import CleanloopError
 from cleanloop.io import write_csv, write_json
-from cleanloop.steps.common import out_path
+from cleanloop.steps.common import cached, out_path
 from cleanloop.tracking import log_artifact_files, metric_key, setup, step_run
 
 log = logging.getLogger(__name__)
@@ -55,16 +56,26 @@ def find_pairs(cfg: DictConfig, exp_id: str) -> list[tuple[str, str]]:
     if cc.get("baseline") or cc.get("cleaned"):
         if not (cc.get("baseline") and cc.get("cleaned")):
             raise CleanloopError("compare: give both compare.baseline=RUN_ID and compare.cleaned=RUN_ID, or neither")
-        a, b = _run_tags(cc.baseline), _run_tags(cc.cleaned)
-        for tag in PAIR_TAGS:
-            if a.get(tag) != b.get(tag):
-                what = {"cleanloop.recipe": "recipes", "cleanloop.test": "test splits",
-                        "cleanloop.source_data": "input manifests"}[tag]
-                raise CleanloopError(
-                    f"compare: the {what} differ (baseline run {cc.baseline}: {tag}={a.get(tag)}, cleaned run "
-                    f"{cc.cleaned}: {tag}={b.get(tag)}); retrain both roles with the same recipe and data"
-                )
-        return [(cc.baseline, cc.cleaned)]
+        as_list = lambda v: [str(x) for x in v] if OmegaConf.is_list(v) or isinstance(v, list) else [str(v)]  # noqa: E731
+        baselines, cleaneds = as_list(cc.baseline), as_list(cc.cleaned)
+        if len(baselines) != len(cleaneds):
+            raise CleanloopError(f"compare: {len(baselines)} baseline run(s) but {len(cleaneds)} cleaned run(s); "
+                                 "give one baseline per cleaned run (one pair per seed)")
+        recipes = set()
+        for base_id, clean_id in zip(baselines, cleaneds, strict=True):
+            a, b = _run_tags(base_id), _run_tags(clean_id)
+            for tag in PAIR_TAGS:
+                if a.get(tag) != b.get(tag):
+                    what = {"cleanloop.recipe": "recipes", "cleanloop.test": "test splits",
+                            "cleanloop.source_data": "input manifests"}[tag]
+                    raise CleanloopError(
+                        f"compare: the {what} differ (baseline run {base_id}: {tag}={a.get(tag)}, cleaned run "
+                        f"{clean_id}: {tag}={b.get(tag)}); retrain both roles with the same recipe and data"
+                    )
+            recipes.add(a.get("cleanloop.recipe"))
+        if len(recipes) > 1:
+            raise CleanloopError(f"compare: the run pairs use different recipes {sorted(recipes)}; compare one recipe")
+        return list(zip(baselines, cleaneds, strict=True))
     runs = _train_runs(exp_id)
     cleaned = runs[runs["tags.cleanloop.role"] == "cleaned"]
     if cleaned.empty:
@@ -126,7 +137,7 @@ def _aligned(pairs: list[tuple[str, str]]) -> tuple[list[str], np.ndarray, np.nd
 
 
 def _issue_rates(cfg: DictConfig, classes: list[str]) -> pd.Series:
-    path = Path(cfg.compare.issues) if cfg.compare.get("issues") else out_path(cfg, "flag", "issues_per_class.csv")
+    path = _issues_path(cfg)
     if not path.is_file():
         log.warning("compare: %s not found; issue_rate left empty", path)
         return pd.Series(np.nan, index=classes)
@@ -164,9 +175,27 @@ def flag_overlap(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, pd.Dat
                                                                                         "image_uuid"])
 
 
+COMPARE_FILES = ["recall_deltas.csv", "recall_deltas.png", "compare_summary.json", "flag_overlap.csv",
+                 "flag_only_rows.csv"]
+
+
+def _issues_path(cfg: DictConfig) -> Path:
+    return Path(cfg.compare.issues) if cfg.compare.get("issues") else out_path(cfg, "flag", "issues_per_class.csv")
+
+
 def run(cfg: DictConfig) -> dict:
+    """Compare paired runs (cached by the run ids, options and issue rates); returns the compare summary."""
     exp_id = setup(cfg.tracking)
     pairs = find_pairs(cfg, exp_id)
+    issues = _issues_path(cfg)
+    options = {k: v for k, v in OmegaConf.to_container(cfg.compare, resolve=True).items()
+               if k not in ("baseline", "cleaned", "issues")}
+    key = short_hash({"pairs": pairs, "compare": options, "issues": file_hash(issues) if issues.is_file() else None})
+    return cached(cfg, "compare", key, lambda d: _compare(cfg, pairs, d), publish_to=out_path(cfg, "compare"),
+                  names=COMPARE_FILES)
+
+
+def _compare(cfg: DictConfig, pairs: list[tuple[str, str]], out_dir: Path) -> dict:
     classes, labels, preds_a, preds_b = _aligned(pairs)
     cc = cfg.compare
     boot = paired_bootstrap(labels, preds_a, preds_b, num_classes=len(classes), n_bootstrap=cc.n_bootstrap,
@@ -177,7 +206,6 @@ def run(cfg: DictConfig) -> dict:
         "delta": rec["delta"].to_numpy(), "ci_low": rec["ci_low"].to_numpy(), "ci_high": rec["ci_high"].to_numpy(),
         "issue_rate": _issue_rates(cfg, classes).to_numpy(),
     }).sort_values(["issue_rate", "class"], ascending=[False, True], kind="mergesort").reset_index(drop=True)
-    out_dir = out_path(cfg, "compare")
     baseline_ids, cleaned_ids = [a for a, _ in pairs], [b for _, b in pairs]
     tags = {"cleanloop.baseline_runs": ",".join(baseline_ids), "cleanloop.cleaned_runs": ",".join(cleaned_ids),
             "cleanloop.recipe": _run_tags(cleaned_ids[0]).get("cleanloop.recipe", "")}
@@ -222,5 +250,5 @@ def run(cfg: DictConfig) -> dict:
     ba = boot["balanced_accuracy"]
     log.info("compare: balanced accuracy %.4f -> %.4f (delta %+.4f, %.0f%% CI %+.4f..%+.4f) over %d seed pair(s) "
              "-> %s", ba["value_a"], ba["value_b"], ba["delta"], 100 * cc.confidence, ba["ci_low"], ba["ci_high"],
-             n_seeds, out_dir)
+             n_seeds, out_path(cfg, "compare"))
     return summary

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cleanloop.cleaning import (
     find_issues,
@@ -26,10 +26,10 @@ from cleanloop.cleaning import (
     outlier_scores,
     render_montage,
 )
-from cleanloop.config import file_hash
+from cleanloop.config import file_hash, short_hash
 from cleanloop.io import write_csv, write_json
 from cleanloop.oof_file import load_oof
-from cleanloop.steps.common import load_input, out_path
+from cleanloop.steps.common import cached, load_input, out_path, step_cache
 from cleanloop.tracking import log_artifact_files, log_key_mapping, metric_key, step_run
 
 log = logging.getLogger(__name__)
@@ -73,20 +73,57 @@ def _ground_truth(manifest_path: Path, train: pd.DataFrame) -> pd.DataFrame | No
     return pd.DataFrame({"is_noisy": as_bool(truth["is_noisy"]), "is_garbage": as_bool(truth["is_garbage"])})
 
 
-def run(cfg: DictConfig) -> Path:
-    t0 = time.time()
+FLAG_FILES = ["label_issues.csv", "issues_per_class.csv", "issue_confusions.csv", "mislabel_candidates.png",
+              "flag_summary.json"]
+
+
+def oof_input(cfg: DictConfig, m) -> Path:
+    """``flag.oof``; else the cached OOF of this config (so a flag sweep finds it from any job folder);
+    else ``oof/oof_probs.parquet`` in ``paths.out_dir``."""
+    if cfg.flag.get("oof"):
+        return Path(cfg.flag.oof)
+    from cleanloop.steps.oof import oof_key_for
+
+    entry = step_cache(cfg).find("oof", oof_key_for(cfg, m))
+    return entry.dir / "oof_probs.parquet" if entry else out_path(cfg, "oof", "oof_probs.parquet")
+
+
+def flag_key(cfg: DictConfig, m, oof_path: Path) -> str:
+    """The OOF file's content (and its embeddings), the manifest and the flag options."""
+    emb = oof_path.with_name("embeddings.npy")
+    options = {k: v for k, v in OmegaConf.to_container(cfg.flag, resolve=True).items() if k != "oof"}
+    return short_hash({"oof": file_hash(oof_path) if oof_path.is_file() else str(oof_path),
+                       "embeddings": file_hash(emb) if emb.is_file() else None, "data": file_hash(m.source),
+                       "classes": m.classes, "head": cfg.recipe.head, "flag": options})
+
+
+def issues_output(cfg: DictConfig, m) -> Path:
+    """Where this config's label_issues.csv is: its cache entry, else ``flag/`` in ``paths.out_dir``."""
+    entry = step_cache(cfg).find("flag", flag_key(cfg, m, oof_input(cfg, m)))
+    return entry.dir / "label_issues.csv" if entry else out_path(cfg, "flag", "label_issues.csv")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Flag label issues and outliers (cached by key); returns the flag summary with ``dir`` and ``run_id``."""
     m = load_input(cfg)
+    oof_path = oof_input(cfg, m)
+    key = flag_key(cfg, m, oof_path)
+    info = cached(cfg, "flag", key, lambda out_dir: _flag(cfg, m, oof_path, out_dir, key),
+                  publish_to=out_path(cfg, "flag"), names=FLAG_FILES)
+    return {**info, "out_dir": str(out_path(cfg, "flag"))}
+
+
+def _flag(cfg: DictConfig, m, oof_path: Path, out_dir: Path, key: str) -> dict:
+    t0 = time.time()
     train, classes = m.train.reset_index(drop=True), m.classes
     labels = m.label_indices(train)
-    oof_path = Path(cfg.flag.oof) if cfg.flag.get("oof") else out_path(cfg, "oof", "oof_probs.parquet")
     oof = load_oof(oof_path, train=train, classes=classes, head=cfg.recipe.head)
-    out_dir = out_path(cfg, "flag")
     data_hash = file_hash(m.source)
     sigmoid = oof.meta.get("head") == "sigmoid"
     pred_probs = normalise_rows(oof.pred_probs) if sigmoid else oof.pred_probs
     tags = {"cleanloop.data": data_hash, "cleanloop.oof_key": str(oof.meta.get("key", "external")),
             "cleanloop.in_sample": str(oof.meta.get("method") == "insample").lower(),
-            "cleanloop.normalised_rows": str(sigmoid).lower()}
+            "cleanloop.normalised_rows": str(sigmoid).lower(), "cleanloop.flag_key": key}
     fc = cfg.flag
     with step_run(cfg, "flag", tags=tags) as run:
         if sigmoid:
@@ -164,5 +201,5 @@ def run(cfg: DictConfig) -> Path:
              n_issues, len(table), 100 * summary["issue_rate"], summary["n_outliers"],
              f"; vs ground truth precision {gt['precision']:.3f} recall {gt['recall']:.3f}, "
              f"garbage found {gt['garbage_found']}/{gt['n_garbage']}" if gt else "",
-             time.time() - t0, out_dir)
-    return out_dir
+             time.time() - t0, out_path(cfg, "flag"))
+    return summary

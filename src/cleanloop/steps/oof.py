@@ -26,19 +26,20 @@ from cleanloop.io import write_atomic
 from cleanloop.metrics import classification_metrics
 from cleanloop.model import Classifier, backbone_from_config
 from cleanloop.oof_file import oof_frame, read_meta, write_oof
-from cleanloop.steps.common import load_input, out_path
-from cleanloop.steps.train import recipe_hash
+from cleanloop.steps.common import cached, load_input, out_path
 from cleanloop.tracking import step_run
-from cleanloop.training import fit_predict, predict
+from cleanloop.training import fit_predict, predict, recipe_hash
 
 log = logging.getLogger(__name__)
 
 
 def oof_key(cfg: DictConfig, manifest_hash: str, classes: list[str]) -> str:
     """Everything that changes the OOF probabilities: data, classes, model, recipe, folds."""
+    insample = cfg.oof.method == "insample"
     return short_hash({"data": manifest_hash, "classes": classes, "recipe": recipe_hash(cfg, with_seed=True),
-                       "method": cfg.oof.method, "n_folds": cfg.oof.n_folds, "seed": cfg.oof.seed,
-                       "checkpoint": cfg.oof.get("checkpoint")})
+                       "method": cfg.oof.method, "n_folds": None if insample else cfg.oof.n_folds,
+                       "seed": None if insample else cfg.oof.seed,
+                       "checkpoint": checkpoint_identity(cfg.oof.get("checkpoint")) if insample else None})
 
 
 def _save_fold(path: Path, uuids: list[str], probs: np.ndarray, *, key: str, fold: int) -> None:
@@ -127,41 +128,59 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         np.save(f, arr)
 
 
-def run(cfg: DictConfig) -> Path:
+def checkpoint_identity(checkpoint) -> str | None:
+    """A content hash of the checkpoint's weight files, so a retrained checkpoint is a new key."""
+    if not checkpoint:
+        return None
+    path = Path(str(checkpoint))
+    files = sorted(path.rglob("*.safetensors")) + sorted(path.glob("*.json")) if path.is_dir() else [path]
+    return short_hash([file_hash(f) for f in files if f.is_file()])
+
+
+def oof_key_for(cfg: DictConfig, m) -> str:
+    return oof_key(cfg, file_hash(m.source), m.classes)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Write ``oof/oof_probs.parquet`` (cached by key); returns its path, the run id and the OOF figures."""
     method = cfg.oof.method
     if method not in ("kfold", "insample"):
         raise CleanloopError(f"oof.method={method!r}: choose oof=kfold or oof=insample")
     m = load_input(cfg, min_train_per_class=cfg.oof.n_folds if method == "kfold" else None)
     train, classes = m.train.reset_index(drop=True), m.classes
     labels = m.label_indices(train)
-    out_dir = out_path(cfg, "oof")
     manifest_hash = file_hash(m.source)
     key = oof_key(cfg, manifest_hash, classes)
-    head = cfg.recipe.head
     tags = {"cleanloop.oof": method, "cleanloop.data": manifest_hash, "cleanloop.recipe": recipe_hash(cfg),
             "cleanloop.oof_key": key, "cleanloop.in_sample": str(method == "insample").lower()}
-    t0 = time.time()
-    with step_run(cfg, "oof", run_name=f"oof-{method}", tags=tags) as run:
-        if method == "kfold":
-            probs, folds = _kfold(cfg, train, labels, classes, key, out_dir)
-            emb = _backbone_embeddings(cfg, train, classes)
-        else:
-            model = _load_checkpoint(cfg, classes)
-            head = model.head_kind
-            log.warning("oof=insample: scoring %d train rows with %s, a model that saw them; memorised label "
-                        "errors look confident, so flags are biased low", len(train), cfg.oof.checkpoint)
-            pred = predict(cfg, model, {"train": train})["train"]
-            probs, folds, emb = pred.probs, np.full(len(train), -1), pred.embeddings
-            mlflow.set_tag("cleanloop.note", "in-sample probabilities: scored by a model trained on these rows")
-        df = oof_frame(train["image_uuid"], train["label"], folds, probs, classes)
-        write_oof(out_dir / "oof_probs.parquet", df, classes=classes, head=head, method=method, key=key,
-                  manifest=str(m.source.resolve()), manifest_hash=manifest_hash, n_folds=int(cfg.oof.n_folds))
-        write_atomic(out_dir / "embeddings.npy", lambda p: _save_npy(p, emb.astype(np.float16)))
-        overall = _heldout_metrics(labels, probs, classes)
-        mlflow.log_metrics({f"oof/{k}": v for k, v in overall.items()})
-        mlflow.log_artifact(str(out_dir / "oof_probs.parquet"))
-        run_id = run.info.run_id
-    log.info("oof: wrote %s (%d rows x %d classes) in %.1fs; OOF top1 %.3f, balanced accuracy %.3f (vs given "
-             "labels; run %s)", out_dir / "oof_probs.parquet", len(train), len(classes), time.time() - t0,
-             overall["top1"], overall["balanced_accuracy"], run_id)
-    return out_dir / "oof_probs.parquet"
+
+    def build(out_dir: Path) -> dict:
+        t0 = time.time()
+        head = cfg.recipe.head
+        with step_run(cfg, "oof", run_name=f"oof-{method}", tags=tags) as run:
+            if method == "kfold":
+                probs, folds = _kfold(cfg, train, labels, classes, key, out_dir)
+                emb = _backbone_embeddings(cfg, train, classes)
+            else:
+                model = _load_checkpoint(cfg, classes)
+                head = model.head_kind
+                log.warning("oof=insample: scoring %d train rows with %s, a model that saw them; memorised label "
+                            "errors look confident, so flags are biased low", len(train), cfg.oof.checkpoint)
+                pred = predict(cfg, model, {"train": train})["train"]
+                probs, folds, emb = pred.probs, np.full(len(train), -1), pred.embeddings
+                mlflow.set_tag("cleanloop.note", "in-sample probabilities: scored by a model trained on these rows")
+            df = oof_frame(train["image_uuid"], train["label"], folds, probs, classes)
+            write_oof(out_dir / "oof_probs.parquet", df, classes=classes, head=head, method=method, key=key,
+                      manifest=str(m.source.resolve()), manifest_hash=manifest_hash, n_folds=int(cfg.oof.n_folds))
+            write_atomic(out_dir / "embeddings.npy", lambda p: _save_npy(p, emb.astype(np.float16)))
+            overall = _heldout_metrics(labels, probs, classes)
+            mlflow.log_metrics({f"oof/{k}": v for k, v in overall.items()})
+            mlflow.log_artifact(str(out_dir / "oof_probs.parquet"))
+        log.info("oof: wrote %d rows x %d classes in %.1fs; OOF top1 %.3f, balanced accuracy %.3f (vs given "
+                 "labels; run %s)", len(train), len(classes), time.time() - t0, overall["top1"],
+                 overall["balanced_accuracy"], run.info.run_id)
+        return {"run_id": run.info.run_id, **overall}
+
+    info = cached(cfg, "oof", key, build, publish_to=out_path(cfg, "oof"),
+                  names=["oof_probs.parquet", "embeddings.npy"])
+    return {**info, "path": str(out_path(cfg, "oof", "oof_probs.parquet"))}

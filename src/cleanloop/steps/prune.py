@@ -11,14 +11,14 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from cleanloop.config import file_hash
+from cleanloop.config import file_hash, short_hash
 from cleanloop.errors import CleanloopError
 from cleanloop.io import write_csv, write_table
 from cleanloop.manifest import read_manifest
 from cleanloop.pruning import apply_pruning, read_decisions, select_pruned
-from cleanloop.steps.common import load_input, out_path
+from cleanloop.steps.common import cached, load_input, out_path, step_cache
 from cleanloop.tracking import log_artifact_files, metric_key, step_run
 
 log = logging.getLogger(__name__)
@@ -33,11 +33,48 @@ def _read_csv(path: Path, what: str, hint: str) -> pd.DataFrame:
         raise CleanloopError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from e
 
 
-def run(cfg: DictConfig) -> Path:
+def issues_input(cfg: DictConfig, m) -> Path:
+    if cfg.prune.get("issues"):
+        return Path(cfg.prune.issues)
+    from cleanloop.steps.flag import issues_output
+
+    return issues_output(cfg, m)
+
+
+def prune_key(cfg: DictConfig, m, issues_path: Path) -> str:
+    options = {k: v for k, v in OmegaConf.to_container(cfg.prune, resolve=True).items() if k not in ("issues", "decisions")}
+    decisions = Path(cfg.prune.decisions) if cfg.prune.get("decisions") else None
+    return short_hash({"issues": file_hash(issues_path) if issues_path.is_file() else str(issues_path),
+                       "data": file_hash(m.source), "prune": options,
+                       "decisions": file_hash(decisions) if decisions and decisions.is_file() else str(decisions)})
+
+
+def cleaned_output(cfg: DictConfig, m) -> Path | None:
+    """This config's cleaned manifest: its cache entry, else ``prune/`` in ``paths.out_dir``; None if neither."""
+    entry = step_cache(cfg).find("prune", prune_key(cfg, m, issues_input(cfg, m)))
+    folder = entry.dir if entry else out_path(cfg, "prune")
+    found = sorted(folder.glob("cleaned_manifest.*"))
+    return found[0] if found else None
+
+
+def run(cfg: DictConfig) -> dict:
+    """Write the cleaned manifest (cached by key); returns its path, counts and the run id."""
     m = load_input(cfg)
+    issues_path = issues_input(cfg, m)
+    key = prune_key(cfg, m, issues_path)
+    ext = ".parquet" if m.fmt == "parquet" else ".csv"
+    out = out_path(cfg, "prune")
+    for stale in out.glob("cleaned_manifest.*"):
+        if stale.name != f"cleaned_manifest{ext}":  # train role=cleaned must find exactly one
+            stale.unlink()
+    info = cached(cfg, "prune", key, lambda d: _prune(cfg, m, issues_path, d, ext),
+                  publish_to=out, names=[f"cleaned_manifest{ext}", "pruned_rows.csv"])
+    return {**info, "path": str(out / f"cleaned_manifest{ext}")}
+
+
+def _prune(cfg: DictConfig, m, issues_path: Path, out_dir: Path, ext: str) -> dict:
     train = m.train
     pc = cfg.prune
-    issues_path = Path(pc.issues) if pc.get("issues") else out_path(cfg, "flag", "label_issues.csv")
     issues = _read_csv(issues_path, "label issues", "run `cleanloop flag` first or set prune.issues=PATH")
     unknown = sorted(set(issues["image_uuid"]) - set(train["image_uuid"]))
     if unknown:
@@ -56,14 +93,9 @@ def run(cfg: DictConfig) -> Path:
     )
     cleaned = apply_pruning(read_manifest(m.source), pruned)
 
-    out_dir = out_path(cfg, "prune")
-    ext = ".parquet" if m.fmt == "parquet" else ".csv"
     manifest_out = out_dir / f"cleaned_manifest{ext}"
     tags = {"cleanloop.data": file_hash(m.source), "cleanloop.reviewed": str(decisions is not None).lower()}
-    with step_run(cfg, "prune", tags=tags):
-        for stale in out_dir.glob("cleaned_manifest.*"):
-            if stale != manifest_out:  # train role=cleaned must find exactly one
-                stale.unlink()
+    with step_run(cfg, "prune", tags=tags) as run:
         write_table(manifest_out, cleaned)
         write_csv(out_dir / "pruned_rows.csv", pruned)
         dropped = pruned[pruned["new_label"].isna()]
@@ -77,5 +109,6 @@ def run(cfg: DictConfig) -> Path:
     reasons = pruned["reason"].value_counts().to_dict()
     log.info("prune: removed %d of %d train rows (%s), relabelled %d -> %s", len(dropped), len(train),
              ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "none",
-             int(pruned["new_label"].notna().sum()), manifest_out)
-    return manifest_out
+             int(pruned["new_label"].notna().sum()), out_path(cfg, "prune"))
+    return {"run_id": run.info.run_id, "n_pruned": int(len(dropped)),
+            "n_relabelled": int(pruned["new_label"].notna().sum()), "n_train": int(len(train))}

@@ -19,25 +19,13 @@ from cleanloop.config import file_hash, short_hash
 from cleanloop.errors import CleanloopError
 from cleanloop.io import write_atomic, write_json
 from cleanloop.metrics import classification_metrics
-from cleanloop.steps.common import load_input, out_path
+from cleanloop.steps.common import cached, load_input, out_path
 from cleanloop.tracking import log_artifact_files, log_classification, log_key_mapping, step_run
-from cleanloop.training import fit_predict
+from cleanloop.training import fit_predict, recipe_hash
 
 log = logging.getLogger(__name__)
 
 ROLES = ("baseline", "cleaned")
-
-
-def recipe_hash(cfg: DictConfig, *, with_seed: bool = False) -> str:
-    """What makes two trainings the same recipe: model, recipe and numeric precision.
-
-    The seed is not part of the recipe (``cleanloop.seed`` is its own tag) so runs of several
-    seeds pair up by seed under one recipe; ``with_seed`` includes it, for caching.
-    """
-    recipe = OmegaConf.to_container(cfg.recipe, resolve=True)
-    if not with_seed:
-        recipe.pop("seed", None)
-    return short_hash({"model": cfg.model, "recipe": recipe, "precision": cfg.trainer.precision})
 
 
 def split_hash(df: pd.DataFrame) -> str:
@@ -45,13 +33,16 @@ def split_hash(df: pd.DataFrame) -> str:
     return short_hash(rows)
 
 
-def cleaned_manifest_path(cfg: DictConfig) -> Path:
-    found = sorted(out_path(cfg, "prune").glob("cleaned_manifest.*"))
-    if not found:
+def cleaned_manifest_path(cfg: DictConfig, source=None) -> Path:
+    """The cleaned manifest of this config (its prune cache entry, else ``prune/`` in ``paths.out_dir``)."""
+    from cleanloop.steps.prune import cleaned_output
+
+    found = cleaned_output(cfg, source if source is not None else load_input(cfg))
+    if found is None:
         raise CleanloopError(
             f"{out_path(cfg, 'prune')}: no cleaned_manifest yet; run `cleanloop prune` (or `make prune`) first"
         )
-    return found[0]
+    return found
 
 
 def probs_frame(uuids: list[str], labels: list[str], probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -60,18 +51,31 @@ def probs_frame(uuids: list[str], labels: list[str], probs: np.ndarray, classes:
     return pd.concat([df, pd.DataFrame(probs, columns=classes)], axis=1)
 
 
+TRAIN_FILES = ["metrics.json", "test_predictions.parquet", "model"]
+
+
 def run(cfg: DictConfig) -> dict:
+    """Train one role (cached by key: recipe with seed, the manifest trained on, trainer); returns metrics."""
     role = cfg.role
     if role not in ROLES:
         raise CleanloopError(f"role={role!r}: must be one of {', '.join(ROLES)}")
     source = load_input(cfg)
-    path = source.source if role == "baseline" else cleaned_manifest_path(cfg)
+    path = source.source if role == "baseline" else cleaned_manifest_path(cfg, source)
     m = source if role == "baseline" else load_input(cfg, path)
-    classes = source.classes  # the cleaned run keeps the input's class order even if a class shrank
-    test, val = m.split("test"), m.split("val")
+    test = m.split("test")
     if test.empty:
         raise CleanloopError(f"{path}: no rows with split == 'test'; train evaluates on the test split")
-    out_dir = out_path(cfg, "train", role)
+    key = short_hash({"role": role, "recipe": recipe_hash(cfg, with_seed=True), "data": file_hash(path),
+                      "source": file_hash(source.source), "classes": source.classes,
+                      "trainer": OmegaConf.to_container(cfg.trainer, resolve=True)})
+    info = cached(cfg, f"train-{role}", key, lambda d: _train(cfg, role, source, m, path, d),
+                  publish_to=out_path(cfg, "train", role), names=TRAIN_FILES)
+    return info
+
+
+def _train(cfg: DictConfig, role: str, source, m, path: Path, out_dir: Path) -> dict:
+    classes = source.classes  # the cleaned run keeps the input's class order even if a class shrank
+    test, val = m.split("test"), m.split("val")
     tags = {
         "cleanloop.role": role,
         "cleanloop.recipe": recipe_hash(cfg),
@@ -99,5 +103,6 @@ def run(cfg: DictConfig) -> dict:
         log_artifact_files([out_dir / "metrics.json", out_dir / "test_predictions.parquet"])
         mlflow.log_text(OmegaConf.to_yaml(cfg.recipe, resolve=True), "recipe.yaml")
     log.info("train %s: test top1=%.4f balanced_accuracy=%.4f f1_macro=%.4f -> %s (run %s)",
-             role, metrics["top1"], metrics["balanced_accuracy"], metrics["f1_macro"], out_dir, run.info.run_id)
+             role, metrics["top1"], metrics["balanced_accuracy"], metrics["f1_macro"], out_path(cfg, "train", role),
+             run.info.run_id)
     return metrics

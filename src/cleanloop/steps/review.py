@@ -1,0 +1,263 @@
+"""``cleanloop review``: a page for vetting the flagged rows by eye, its decisions fed back to ``prune``.
+
+Reads ``flag/label_issues.csv`` (or ``review.issues``), the OOF parquet (``flag.oof`` or
+``oof/oof_probs.parquet``) and the manifest; writes ``review/index.html`` with its thumbnails in
+``review/thumbs/`` (one folder, no network: open it from disk), and ``review/screenshot.png``
+when headless Chromium is at hand. A ``decisions.csv`` exported from the page, given as
+``review.decisions`` (or ``prune.decisions``, or saved as ``review/decisions.csv``), is checked,
+preloaded into the page and copied beside it. The folder is logged to the flag run so a
+reviewed cleaning can be traced; ``cleanloop prune prune.decisions=...`` applies the decisions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+from PIL import Image, ImageOps
+
+from cleanloop.cleaning import normalise_rows
+from cleanloop.config import file_hash
+from cleanloop.errors import CleanloopError
+from cleanloop.io import atomic_path, write_atomic, write_json
+from cleanloop.oof_file import load_oof
+from cleanloop.pruning import read_decisions
+from cleanloop.review_page import flagged_rows, page_html, page_rows, thumb_name
+from cleanloop.steps.common import load_input, out_path
+from cleanloop.tracking import log_artifact_files, step_run
+
+log = logging.getLogger(__name__)
+
+# Headless Chromium without a sandbox (CI runs as root), a GPU or any network traffic of its own.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+# ---- thumbnails ---------------------------------------------------------------------------------
+
+
+def _decode(path: str) -> Image.Image:
+    """Upright RGB, as ``cleanloop.data.load_image`` decodes for training (without importing torch)."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I", "F"):  # 16-bit / float grayscale: scale to 8 bits
+            arr = np.asarray(img, dtype=np.float32)
+            img = Image.fromarray((arr / max(float(arr.max()), 1.0) * 255.0).clip(0, 255).astype(np.uint8))
+        return img.convert("RGB")
+
+
+def make_thumb(src: str, thumbs_dir: Path, image_uuid: str, *, size: int) -> tuple[str | None, int, int]:
+    """Write (or reuse) the thumbnail of one image; return (file name, width, height), name None if unreadable.
+
+    Images no larger than ``size`` are kept pixel for pixel as PNG (the page enlarges them with
+    crisp pixels); larger ones are shrunk to ``size`` on the long side and written as JPEG.
+    """
+    for ext in (".png", ".jpg"):  # reuse a thumbnail newer than its image (a re-run is fast)
+        done = thumbs_dir / thumb_name(image_uuid, size=size, ext=ext)
+        try:
+            if done.stat().st_mtime >= Path(src).stat().st_mtime:
+                with Image.open(done) as im:
+                    return done.name, im.width, im.height
+        except (OSError, ValueError):
+            pass
+    try:
+        img = _decode(src)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        log.warning("review: %s: cannot decode image (%s: %s); its card says so", src, type(e).__name__, e)
+        return None, size, size
+    small = max(img.size) <= size
+    if not small:
+        img.thumbnail((size, size), Image.Resampling.LANCZOS)
+    ext, fmt, opts = (".png", "PNG", {}) if small else (".jpg", "JPEG", {"quality": 85})
+    name = thumb_name(image_uuid, size=size, ext=ext)
+    write_atomic(thumbs_dir / name, lambda p: img.save(p, format=fmt, **opts))
+    return name, img.width, img.height
+
+
+def write_thumbs(sources: list[str], uuids: list[str], thumbs_dir: Path, *, size: int, workers: int):
+    """Thumbnails of every row (threads: PIL releases the GIL while decoding); stale ones removed."""
+    thumbs_dir.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        out = list(pool.map(lambda su: make_thumb(su[0], thumbs_dir, su[1], size=size), zip(sources, uuids, strict=True)))
+    keep = {name for name, _, _ in out if name}
+    for stale in thumbs_dir.iterdir():
+        if stale.name not in keep:
+            stale.unlink()
+    return out
+
+
+# ---- screenshot ---------------------------------------------------------------------------------
+
+
+def _screenshot(page: Path, out: Path, chromium: str, viewport: tuple[int, int], timeout_s: float) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, timeout=timeout_s * 1000)
+        try:
+            tab = browser.new_page(viewport={"width": int(viewport[0]), "height": int(viewport[1])})
+            tab.set_default_timeout(timeout_s * 1000)
+            tab.goto(page.resolve().as_uri())
+            tab.wait_for_function("document.body.dataset.ready === '1'")
+            # the thumbnails on the first screen, decoded (lazy ones further down do not count)
+            tab.wait_for_function("[...document.images].filter(i => i.getBoundingClientRect().top < innerHeight)"
+                                  ".every(i => i.complete)")
+            with atomic_path(out) as tmp:
+                tab.screenshot(path=str(tmp), type="png")
+        finally:
+            browser.close()
+
+
+def take_screenshot(page: Path, out: Path, *, chromium: str, viewport: tuple[int, int],
+                    timeout_s: float = 60) -> str | None:
+    """Open ``page`` in headless Chromium and save a PNG of the first screen; the reason when it cannot.
+
+    Uses the system browser at ``chromium`` (never one Playwright would download). Runs in its
+    own thread: Playwright's sync API refuses a thread that already runs an event loop (a
+    notebook, or a caller driving a browser itself).
+    """
+    if not Path(chromium).is_file():
+        return f"no browser at review.chromium={chromium} (Debian: apt-get install chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install playwright; its browser download is not needed)"
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(_screenshot, page, out, chromium, viewport, timeout_s).result()
+    except Exception as e:  # a screenshot is a convenience: never fail the review over it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"headless Chromium failed ({type(e).__name__}: {first})"
+    return None
+
+
+# ---- the step -----------------------------------------------------------------------------------
+
+
+def _read_csv(path: Path, what: str, hint: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise CleanloopError(f"{path}: {what} not found; {hint}")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except Exception as e:
+        raise CleanloopError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from e
+
+
+def _flag_run_id(issues_path: Path) -> str | None:
+    summary = issues_path.with_name("flag_summary.json")
+    try:
+        return json.loads(summary.read_text()).get("run_id") if summary.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _decisions_file(cfg: DictConfig, review_dir: Path) -> Path | None:
+    given = cfg.review.get("decisions")
+    if given:
+        return Path(given)
+    saved = review_dir / "decisions.csv"  # an export saved beside the page
+    return saved if saved.is_file() else None
+
+
+def run(cfg: DictConfig) -> Path:
+    t0 = time.time()
+    rc = cfg.review
+    m = load_input(cfg)
+    train, classes = m.train.reset_index(drop=True), m.classes
+    issues_path = Path(rc.issues) if rc.get("issues") else out_path(cfg, "flag", "label_issues.csv")
+    issues = _read_csv(issues_path, "label issues", "run `cleanloop flag` first or set review.issues=PATH")
+    row_of = {u: i for i, u in enumerate(train["image_uuid"])}
+    unknown = sorted(set(issues.get("image_uuid", [])) - set(row_of))
+    if unknown:
+        raise CleanloopError(f"{issues_path}: {len(unknown)} image_uuid(s) are not train rows of {m.source} "
+                             f"(first: {unknown[:3]}); it was flagged on another manifest: re-run `cleanloop flag`")
+    flagged = flagged_rows(issues, max_rows=int(rc.max_rows), source=str(issues_path))
+    n_flagged = len(flagged_rows(issues, source=str(issues_path))) if rc.max_rows else len(flagged)
+    oof_path = Path(cfg.flag.oof) if cfg.flag.get("oof") else out_path(cfg, "oof", "oof_probs.parquet")
+    oof = load_oof(oof_path, train=train, classes=classes, head=cfg.recipe.head)
+    sigmoid = oof.meta.get("head") == "sigmoid"
+    probs = normalise_rows(oof.pred_probs) if sigmoid else oof.pred_probs  # what flag ranked by
+    at = np.array([row_of[u] for u in flagged["image_uuid"]], dtype=int)
+
+    review_dir = out_path(cfg, "review")
+    sources = train["abs_path"].to_numpy()[at].tolist() if len(at) else []
+    size = int(rc.thumb_size)
+    thumbs = write_thumbs(sources, flagged["image_uuid"].tolist(), review_dir / "thumbs", size=size,
+                          workers=int(rc.workers))
+    unreadable = sum(name is None for name, _, _ in thumbs)
+    links = [Path(s).resolve().as_uri() for s in sources]
+
+    dec_path = _decisions_file(cfg, review_dir)
+    initial, n_decisions = {}, 0
+    if dec_path is not None:
+        raw = _read_csv(dec_path, "decisions file", "export it from the review page (Export decisions.csv)")
+        read_decisions(raw, classes=classes, known_uuids=set(issues["image_uuid"]), source=str(dec_path))
+        notes = raw["reviewer_note"] if "reviewer_note" in raw.columns else [""] * len(raw)
+        initial = {u.strip(): (d.strip(), n) for u, d, n in zip(raw["image_uuid"], raw["decision"], notes, strict=True)}
+        n_decisions = len(initial)
+
+    flag_run = _flag_run_id(issues_path)
+    details = {"rows": f"{len(flagged)} flagged of {len(issues)} scored train rows"
+                       + (f" (the {len(flagged)} lowest label quality of {n_flagged}; review.max_rows)"
+                          if len(flagged) < n_flagged else ""),
+               "issues": str(issues_path), "probabilities": str(oof_path) + (" (rows normalised)" if sigmoid else ""),
+               "flag run": flag_run or "unknown",
+               "then": "Export decisions.csv, then `cleanloop prune prune.decisions=decisions.csv` "
+                       "(and `cleanloop review review.decisions=decisions.csv` to log it with this page)"}
+    # Stable across re-renders of this output folder and manifest, so saved decisions survive a new page.
+    key = "cleanloop-review:" + hashlib.sha1(f"{review_dir.resolve()}|{file_hash(m.source)}".encode()).hexdigest()[:16]
+    page = page_html(page_rows(flagged, probs[at] if len(at) else np.zeros((0, len(classes))), classes=classes,
+                               thumbs=thumbs, sources=links),
+                     classes=classes, title=str(cfg.data.name), details=details, storage_key=key,
+                     initial=initial, thumb_size=size)
+    index = review_dir / "index.html"
+    write_atomic(index, lambda p: p.write_text(page, encoding="utf-8"))
+    if dec_path is not None and dec_path.resolve() != (review_dir / "decisions.csv").resolve():
+        write_atomic(review_dir / "decisions.csv", lambda p: shutil.copyfile(dec_path, p))
+
+    shot = review_dir / "screenshot.png"
+    if rc.screenshot:
+        why = take_screenshot(index, shot, chromium=str(rc.chromium), viewport=tuple(rc.viewport))
+        if why:
+            log.info("review: screenshot skipped: %s", why)
+    summary = {"n_rows": len(flagged), "n_flagged": n_flagged, "n_scored": len(issues), "n_unreadable": unreadable,
+               "n_decisions": n_decisions, "decisions": str(dec_path) if dec_path else None,
+               "flag_run_id": flag_run, "issues": str(issues_path), "oof": str(oof_path),
+               "page": str(index), "screenshot": str(shot) if shot.is_file() else None}
+
+    tags = {"cleanloop.data": file_hash(m.source), "cleanloop.flag_run": flag_run or "unknown",
+            "cleanloop.reviewed": str(dec_path is not None).lower()}
+    with step_run(cfg, "review", tags=tags) as run:
+        summary["run_id"] = run.info.run_id
+        write_json(review_dir / "review_summary.json", summary)
+        mlflow.log_metrics({"review/n_rows": len(flagged), "review/n_decisions": n_decisions,
+                            "review/n_unreadable": unreadable})
+        client = mlflow.MlflowClient()
+        logged_to = None
+        if flag_run:
+            try:
+                client.log_artifacts(flag_run, str(review_dir), "review")
+                client.set_tag(flag_run, "cleanloop.review_run", run.info.run_id)
+                logged_to = f"flag run {flag_run}"
+            except mlflow.exceptions.MlflowException as e:
+                log.warning("review: cannot log the page to flag run %s (%s); logging it to the review run",
+                            flag_run, e.message.splitlines()[0])
+        if logged_to is None:  # no flag run in this store: keep the page traceable from the review run
+            mlflow.log_artifacts(str(review_dir), "review")
+            logged_to = f"review run {run.info.run_id}"
+        else:
+            log_artifact_files([review_dir / n for n in ("review_summary.json", "screenshot.png", "decisions.csv")])
+    log.info("review: %d flagged rows%s, %s -> %s (logged to %s) in %.1fs", len(flagged),
+             f", {n_decisions} decisions from {dec_path}" if dec_path else "",
+             f"{unreadable} unreadable image(s)" if unreadable else "thumbnails ready",
+             index.resolve().as_uri(), logged_to, time.time() - t0)
+    return index

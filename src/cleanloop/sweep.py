@@ -1,0 +1,144 @@
+"""Hydra multirun support: one MLflow parent run per sweep and ``sweep_summary.csv`` at the end.
+
+``SweepCallback`` is registered in conf/config.yaml (``hydra.callbacks``). At the start of a
+multirun it creates the sweep's parent run (jobs nest under it through an environment variable,
+which joblib and submitit workers inherit); at the end it groups the jobs by their overrides
+less ``recipe.seed``, compares each group's baseline and cleaned runs across all its seeds
+(paired bootstrap over seeds and test rows), and writes one table, best option first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict
+
+from cleanloop.config import register_resolvers
+from cleanloop.errors import CleanloopError
+from cleanloop.io import write_csv
+from cleanloop.tracking import SWEEP_PARENT_ENV, metric_key, setup
+
+log = logging.getLogger(__name__)
+
+SEED_KEY = "recipe.seed"
+
+
+def _option(overrides: list[str], common: set[str]) -> str:
+    """The sweep point: the overrides that vary between jobs, less the seed (jobs differing only in
+    seed are one option, compared across their seeds)."""
+    keep = [o for o in overrides if o not in common and not o.lstrip("+~").startswith((f"{SEED_KEY}=", "step="))]
+    return " ".join(keep) or "(defaults)"
+
+
+def collect_jobs(sweep_dir: Path) -> pd.DataFrame:
+    """One row per finished job folder: its number, overrides, option and summary (cycle or flag)."""
+    rows, all_overrides = [], []
+    for job in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+        overrides_file = job / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        summary, kind = None, None
+        for name, k in (("summary.json", "cycle"), ("flag/flag_summary.json", "flag")):
+            if (job / name).is_file():
+                summary, kind = json.loads((job / name).read_text()), k
+                break
+        all_overrides.append(overrides)
+        rows.append({"job": int(job.name), "overrides": " ".join(overrides), "kind": kind, "summary": summary})
+    common = set.intersection(*(set(o) for o in all_overrides)) if all_overrides else set()
+    for row, overrides in zip(rows, all_overrides, strict=True):
+        row["option"] = _option(overrides, common)
+    return pd.DataFrame(rows)
+
+
+def summary_rows(cfg: DictConfig, jobs: pd.DataFrame, sweep_dir: Path) -> pd.DataFrame:
+    """sweep_summary.csv: per option, delta balanced accuracy (all seeds pooled) and per-class recall deltas."""
+    from cleanloop.steps import compare
+
+    out = []
+    for option, group in jobs.groupby("option", sort=False):
+        done = [s for s in group["summary"] if s]
+        row: dict = {"option": option, "jobs": " ".join(str(j) for j in group["job"]), "n_seeds": len(done)}
+        if done and "delta" in done[0]:
+            runs = [s["mlflow"]["runs"] for s in done]
+            job_cfg = cfg.copy()
+            with open_dict(job_cfg):
+                job_cfg.compare.baseline = [r["train-baseline"] for r in runs]
+                job_cfg.compare.cleaned = [r["train-cleaned"] for r in runs]
+                job_cfg.compare.issues = str(Path(done[0]["paths"]["label_issues"]).with_name("issues_per_class.csv"))
+                job_cfg.paths.out_dir = str(sweep_dir / "compare" / f"option-{len(out)}")
+            try:
+                pooled = compare.run(job_cfg)
+            except CleanloopError as e:
+                log.warning("sweep: could not compare option %s: %s", option, e)
+                continue
+            ba = pooled["balanced_accuracy"]
+            row.update({"delta_balanced_accuracy": ba["delta"], "ci_low": ba["ci_low"], "ci_high": ba["ci_high"],
+                        "delta_top1": pooled["top1"]["delta"],
+                        "n_issues": sum(s["flag"]["n_issues"] for s in done) / len(done)})
+            if "ground_truth" in done[0]["flag"]:
+                row["flag_precision"] = done[0]["flag"]["ground_truth"]["precision"]
+                row["flag_recall"] = done[0]["flag"]["ground_truth"]["recall"]
+            row.update({f"delta_recall/{r['class']}": r["delta"] for r in pooled["recall"]})
+        elif done:  # a flag-only sweep
+            s = done[0]
+            row.update({"n_issues": s["n_issues"], "issue_rate": s["issue_rate"], "n_outliers": s["n_outliers"]})
+            if "ground_truth" in s:
+                row.update({"flag_precision": s["ground_truth"]["precision"], "flag_recall": s["ground_truth"]["recall"]})
+        out.append(row)
+    table = pd.DataFrame(out)
+    sort = "delta_balanced_accuracy" if "delta_balanced_accuracy" in table else "flag_precision"
+    if sort in table:
+        table = table.sort_values(sort, ascending=False, kind="mergesort")
+    return table.reset_index(drop=True)
+
+
+class SweepCallback(Callback):
+    """Hydra callback: parent MLflow run per multirun, sweep_summary.csv when it ends."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        register_resolvers()
+        exp_id = setup(config.tracking)  # also creates the store once, before parallel jobs race to
+        step = config.get("step") or "sweep"
+        run = mlflow.MlflowClient().create_run(exp_id, run_name=f"sweep-{step}",
+                                               tags={"cleanloop.step": "sweep", "cleanloop.sweep_step": step})
+        os.environ[SWEEP_PARENT_ENV] = run.info.run_id
+        log.info("sweep: MLflow parent run %s", run.info.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        run_id = os.environ.pop(SWEEP_PARENT_ENV, None)
+        if run_id is None:
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        client = mlflow.MlflowClient()
+        status = "FINISHED"
+        try:
+            jobs = collect_jobs(sweep_dir)
+            os.environ[SWEEP_PARENT_ENV] = run_id  # the pooled compare runs nest under the sweep too
+            table = summary_rows(config, jobs, sweep_dir)
+            os.environ.pop(SWEEP_PARENT_ENV, None)
+            path = write_csv(sweep_dir / "sweep_summary.csv", table)
+            client.log_artifact(run_id, str(path))
+            best = table.iloc[0] if len(table) else None
+            if best is not None:
+                for col in ("delta_balanced_accuracy", "flag_precision"):
+                    if col in table and pd.notna(best.get(col)):
+                        client.log_metric(run_id, f"best/{col}", float(best[col]))
+                client.set_tag(run_id, "cleanloop.best_option", str(best["option"]))
+            for i, r in table.iterrows():
+                if "delta_balanced_accuracy" in table and pd.notna(r.get("delta_balanced_accuracy")):
+                    client.log_metric(run_id, f"option/{metric_key(r['option'])}/delta_balanced_accuracy",
+                                      float(r["delta_balanced_accuracy"]), step=i)
+            print(f"sweep summary ({len(table)} options, best first): {path}")
+            with pd.option_context("display.width", 160, "display.max_columns", 8):
+                print(table.drop(columns=[c for c in table.columns if c.startswith("delta_recall/")]).to_string(index=False))
+        except Exception:
+            status = "FAILED"
+            raise
+        finally:
+            client.set_terminated(run_id, status)

@@ -1,0 +1,378 @@
+"""Issue 8: the review page, driven in headless Chromium, and its decisions fed back into prune.
+
+The inputs are cheap and real: PNGs on disk, a hand-made OOF parquet, the real ``flag`` step
+(``filter_by=predicted_neq_given`` so the flagged rows are known in advance), the real
+``review`` and ``prune`` steps. No model is trained.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from cleanloop.oof_file import oof_frame, write_oof
+from cleanloop.pruning import read_decisions
+from cleanloop.review_page import flagged_rows, page_html, page_rows, script_json, thumb_name, top_classes
+from cleanloop.steps import flag, prune, review
+
+from conftest import make_cfg, write_png
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # the dev extra installs it
+    sync_playwright = None
+
+CHROMIUM = "/usr/bin/chromium"  # conf/review/default.yaml review.chromium
+needs_browser = pytest.mark.skipif(
+    sync_playwright is None or not Path(CHROMIUM).is_file(),
+    reason=f"needs Playwright (dev extra) and Chromium at {CHROMIUM} (Debian: apt-get install chromium; CI installs it)",
+)
+# Given labels that the hand-made OOF contradicts (row -> probabilities in class order
+# bright, dark, mid); every other train row gets 0.9 on its own label.
+CONTRADICTED = {
+    "dark-0": (0.05, 0.05, 0.90),   # dark -> mid,    quality 0.05
+    "dark-1": (0.80, 0.10, 0.10),   # dark -> bright, quality 0.10
+    "mid-0": (0.85, 0.05, 0.10),    # mid -> bright,  quality 0.10
+    "dark-2": (0.10, 0.20, 0.70),   # dark -> mid,    quality 0.20
+    "bright-0": (0.30, 0.60, 0.10),  # bright -> dark, quality 0.30
+}
+FLAG = ("flag.filter_by=predicted_neq_given", "flag.outlier.top_fraction=0.05")
+
+
+def hand_made_oof(manifest: Path, path: Path, classes: list[str], contradicted: dict) -> Path:
+    m = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    train = m[m["split"] == "train"].reset_index(drop=True)
+    k = len(classes)
+    probs = np.zeros((len(train), k))
+    for i, (u, label) in enumerate(zip(train["image_uuid"], train["label"], strict=True)):
+        if u in contradicted:
+            probs[i] = contradicted[u]
+        else:
+            own = 0.9 - 0.01 * (i % 7)
+            probs[i] = (1 - own) / (k - 1)
+            probs[i, classes.index(label)] = own
+    write_oof(path, oof_frame(train["image_uuid"], train["label"], np.zeros(len(train)), probs, classes),
+              classes=classes)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> tuple[str, ...]:
+    """One MLflow store for this module's tests: creating a SQLite store costs seconds."""
+    root = tmp_path_factory.mktemp("mlruns")
+    return (f"tracking.uri=sqlite:///{root}/mlflow.db", f"tracking.artifact_root={root}/artifacts")
+
+
+def flagged_setup(root: Path, manifest: Path, classes: list[str], contradicted: dict, *overrides: str):
+    """The real flag step on a hand-made OOF.
+
+    Returns ``compose(*more)`` (the config with ``more`` overrides added) and the label_issues table.
+    """
+    oof_path = hand_made_oof(manifest, root / "oof.parquet", classes, contradicted)
+    base = ("data=manifest", f"data.manifest={manifest}", f"flag.oof={oof_path}", *FLAG, *overrides)
+
+    def compose(*more: str):
+        return make_cfg(root, *base, *more)
+
+    cfg = compose()
+    flag.run(cfg)
+    issues = pd.read_csv(Path(cfg.paths.out_dir) / "flag" / "label_issues.csv", dtype=str, keep_default_na=False)
+    return compose, issues
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if sync_playwright is None or not Path(CHROMIUM).is_file():
+        pytest.skip(f"needs Playwright and Chromium at {CHROMIUM}")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=review.CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def open_page(browser, index: Path, context=None):
+    """A tab on the page; fails the test on any dialog (alert) or script error."""
+    ctx = context or browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
+    tab = ctx.new_page()
+    problems: list[str] = []
+    tab.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
+    tab.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    tab.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    tab.goto(index.resolve().as_uri())
+    tab.wait_for_function("document.body.dataset.ready === '1'")
+    return tab, ctx, problems
+
+
+def visible_cards(tab) -> list[str]:
+    return tab.eval_on_selector_all("#grid .card", "cs => cs.map(c => c.dataset.uuid)")
+
+
+def current_uuid(tab) -> str:
+    return tab.eval_on_selector("#grid .card.current", "c => c.dataset.uuid")
+
+
+def export(tab, dest: Path, key: str | None = None) -> Path:
+    with tab.expect_download() as dl:
+        if key:
+            tab.keyboard.press(key)
+        else:
+            tab.click("#export")
+    assert dl.value.suggested_filename == "decisions.csv"
+    dl.value.save_as(dest)
+    return dest
+
+
+# -- pure parts -----------------------------------------------------------------------------------
+
+
+def test_script_json_cannot_close_the_script_element():
+    evil = "</script><script>alert(1)</script>&<!--\u2028"
+    text = script_json({"classes": [evil]})
+    assert "<" not in text and ">" not in text and "&" not in text and "\u2028" not in text
+    assert json.loads(text) == {"classes": [evil]}
+
+
+def test_flagged_rows_order_and_thumb_names():
+    issues = pd.DataFrame({"image_uuid": ["c", "a", "b", "d"], "given_label": ["x"] * 4, "predicted_label": ["y"] * 4,
+                           "label_quality": ["0.5", "0.2", "0.2", "0.1"], "is_label_issue": ["True", "True", "False", "False"],
+                           "outlier_score": ["0", "0", "0.9", "0"], "is_outlier": ["False", "False", "True", "False"]})
+    assert flagged_rows(issues)["image_uuid"].tolist() == ["a", "b", "c"]  # quality, then uuid; d not flagged
+    assert flagged_rows(issues, max_rows=2)["image_uuid"].tolist() == ["a", "b"]
+    order, probs = top_classes(np.array([[0.2, 0.5, 0.3], [0.4, 0.4, 0.2]]), k=3)
+    assert order.tolist() == [[1, 2, 0], [0, 1, 2]] and np.allclose(probs[0], [0.5, 0.3, 0.2])
+    name = thumb_name("a/../b<c>", size=224, ext=".png")
+    assert re.fullmatch(r"[0-9a-f]{20}-224\.png", name)
+
+
+# -- the page in a browser --------------------------------------------------------------------------
+
+
+@needs_browser
+def test_review_with_keyboard_then_prune_applies_the_decisions(browser, store, tiny_manifest, tmp_path):
+    compose, issues = flagged_setup(tmp_path, tiny_manifest, ["bright", "dark", "mid"], CONTRADICTED, *store)
+    cfg = compose()
+    flagged = issues[(issues["is_label_issue"] == "True") | (issues["is_outlier"] == "True")]
+    assert set(CONTRADICTED) <= set(flagged["image_uuid"])
+    out = Path(cfg.paths.out_dir)
+    index = review.run(cfg)
+    assert index == out / "review" / "index.html"
+    thumbs = sorted(p.name for p in (out / "review" / "thumbs").iterdir())
+    assert len(thumbs) == len(flagged) and all(re.fullmatch(r"[0-9a-f]{20}-224\.png", t) for t in thumbs)
+    shot = out / "review" / "screenshot.png"
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    html = index.read_text()
+    assert "http://" not in html and "https://" not in html  # nothing fetched from a network or CDN
+
+    tab, ctx, problems = open_page(browser, index)
+    assert len(visible_cards(tab)) == len(flagged)
+    # the cluster view: flagged rows grouped by given -> predicted, with counts
+    tab.keyboard.press("c")
+    groups = tab.eval_on_selector_all(".cluster", "cs => cs.map(c => [c.querySelector('.pair').textContent, "
+                                      "+c.querySelector('.n').textContent])")
+    expected = flagged.groupby(["given_label", "predicted_label"]).size()
+    assert sorted(n for _, n in groups) == sorted(expected.tolist())
+    assert ["dark \u2192 mid", 2] in groups and ["dark \u2192 bright", 1] in groups
+    tab.click(".cluster >> text=dark \u2192 mid")  # a cluster opens its rows as cards
+    assert visible_cards(tab) == ["dark-0", "dark-2"]
+    tab.click("#clear-filters")
+    tab.select_option("#f-kind", "outlier")
+    assert sorted(visible_cards(tab)) == sorted(flagged.loc[flagged["is_outlier"] == "True", "image_uuid"])
+    tab.select_option("#f-kind", "")
+    tab.select_option("#f-pred", "1")  # predicted dark
+    assert sorted(visible_cards(tab)) == sorted(flagged.loc[flagged["predicted_label"] == "dark", "image_uuid"])
+    assert "bright-0" in visible_cards(tab)
+
+    # filter to a class, then vet with the keyboard: drop, note + keep, relabel to the model's pick
+    tab.click("#clear-filters")
+    tab.select_option("#f-given", "1")  # dark
+    cards = visible_cards(tab)
+    assert cards[:3] == ["dark-0", "dark-1", "dark-2"]
+    assert all(u.startswith("dark-") for u in cards)
+    card0 = tab.locator('.card[data-uuid="dark-0"]')
+    assert card0.locator(".given .lab").inner_text() == "dark"
+    assert card0.locator(".tops li .lab").all_inner_texts() == ["mid", "bright", "dark"]
+    assert card0.locator(".tops li .p").all_inner_texts() == ["0.90", "0.05", "0.05"]
+    assert "quality 0.050" in card0.locator(".kinds").inner_text()
+    assert current_uuid(tab) == "dark-0"
+    tab.keyboard.press("j")
+    assert current_uuid(tab) == "dark-1"
+    tab.keyboard.press("k")
+    assert current_uuid(tab) == "dark-0"
+    tab.keyboard.press("d")
+    assert current_uuid(tab) == "dark-1"  # moved on by itself
+    tab.keyboard.press("n")
+    tab.keyboard.type('looks "mid", not dark')
+    tab.keyboard.press("Enter")
+    tab.keyboard.press("a")
+    tab.keyboard.press("r")
+    assert tab.eval_on_selector('.card[data-uuid="dark-2"] .badge', "b => b.textContent") == "\u2192 mid"
+    assert "decided 3" in tab.inner_text("#stats")
+
+    # decisions survive a reload (localStorage keyed by the page)
+    tab.reload()
+    tab.wait_for_function("document.body.dataset.ready === '1'")
+    classes = tab.eval_on_selector_all("#grid .card", "cs => Object.fromEntries(cs.map(c => [c.dataset.uuid, c.className]))")
+    assert "drop" in classes["dark-0"] and "keep" in classes["dark-1"] and "relabel" in classes["dark-2"]
+    decisions_csv = export(tab, tmp_path / "decisions.csv", key="e")
+    assert not problems, problems
+    ctx.close()
+
+    got = pd.read_csv(decisions_csv, dtype=str, keep_default_na=False)
+    assert list(got.columns) == ["image_uuid", "decision", "reviewer_note"]
+    assert got.values.tolist() == [["dark-0", "drop", ""], ["dark-1", "keep", 'looks "mid", not dark'],
+                                   ["dark-2", "relabel:mid", ""]]
+
+    # prune: without the decisions dark-1 goes as a label issue; with them the reviewer's word wins
+    prune.run(cfg)
+    pruned = pd.read_csv(out / "prune" / "pruned_rows.csv", dtype=str, keep_default_na=False)
+    assert "dark-1" in set(pruned["image_uuid"])
+    prune.run(compose(f"prune.decisions={decisions_csv}"))
+    cleaned = pd.read_csv(out / "prune" / "cleaned_manifest.csv", dtype=str, keep_default_na=False).set_index("image_uuid")
+    pruned = pd.read_csv(out / "prune" / "pruned_rows.csv", dtype=str, keep_default_na=False).set_index("image_uuid")
+    assert "dark-0" not in cleaned.index and pruned.loc["dark-0", "reason"] == "reviewer"
+    assert cleaned.loc["dark-1", "label"] == "dark" and "dark-1" not in pruned.index
+    assert cleaned.loc["dark-2", "label"] == "mid"
+    assert (pruned.loc["dark-2", "reason"], pruned.loc["dark-2", "new_label"]) == ("reviewer", "mid")
+    manifest = pd.read_csv(tiny_manifest, dtype=str, keep_default_na=False).set_index("image_uuid")
+    assert manifest.loc["dark-2", "label"] == "dark"  # the input is never modified
+
+    # the page, its screenshot and the decisions are logged to the flag run
+    review.run(compose(f"review.decisions={decisions_csv}", "review.screenshot=false"))
+    flag_run = json.loads((out / "flag" / "flag_summary.json").read_text())["run_id"]
+    client = mlflow.MlflowClient()
+    logged = {a.path for a in client.list_artifacts(flag_run, "review")}
+    assert {"review/index.html", "review/thumbs", "review/screenshot.png", "review/decisions.csv"} <= logged
+    runs = mlflow.search_runs(search_all_experiments=True,
+                              filter_string=f"tags.`cleanloop.step` = 'review' and tags.`cleanloop.flag_run` = '{flag_run}'")
+    assert len(runs) == 2 and runs["tags.cleanloop.reviewed"].tolist() == ["true", "false"]  # newest first
+    assert client.get_run(flag_run).data.tags["cleanloop.review_run"] in set(runs["run_id"])
+
+    # a fresh browser (no saved decisions) starts from the decisions the step was given
+    tab, ctx, problems = open_page(browser, index)
+    classes = tab.eval_on_selector_all("#grid .card", "cs => Object.fromEntries(cs.map(c => [c.dataset.uuid, c.className]))")
+    assert "drop" in classes["dark-0"] and "keep" in classes["dark-1"] and "relabel" in classes["dark-2"]
+    tab.click('.card[data-uuid="mid-0"] .tops li:nth-child(1)')  # mouse: relabel to the model's first class
+    tab.click('.card[data-uuid="dark-0"] button.drop')  # a second click undoes
+    again = pd.read_csv(export(tab, tmp_path / "again.csv"), dtype=str, keep_default_na=False)
+    assert again["image_uuid"].tolist() == ["dark-1", "mid-0", "dark-2"]  # page order: lowest quality first
+    assert again.set_index("image_uuid").loc["mid-0", "decision"] == "relabel:bright"
+    assert not problems, problems
+    ctx.close()
+
+
+EVIL = "</script><script>window.__pwned = 1</script>"
+AMP = 'a&b "q" <i>x</i>'
+EVIL_UUID = 'x/<img src=z onerror="window.__pwned=2">&y'
+
+
+@needs_browser
+def test_markup_in_names_and_paths_renders_as_text(browser, store, tmp_path):
+    labels = [EVIL, AMP, "plain"]
+    rows = []
+    for c, label in enumerate(labels):
+        for i in range(6):
+            uuid = EVIL_UUID if (c, i) == (0, 0) else f"r{c}-{i}"
+            rel = f'img/<b>&"d{c}"/{i}.png'
+            write_png(tmp_path / rel, 40 * c + i)
+            rows.append({"image_uuid": uuid, "path": rel, "label": label, "split": "train"})
+        rows.append({"image_uuid": f"t{c}", "path": f'img/<b>&"d{c}"/0.png', "label": label, "split": "test"})
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    classes = sorted(labels)
+    assert classes == [EVIL, AMP, "plain"]
+    contradicted = {EVIL_UUID: (0.05, 0.9, 0.05), "r1-0": (0.8, 0.1, 0.1)}
+    compose, issues = flagged_setup(tmp_path, manifest, classes, contradicted, *store, "review.screenshot=false",
+                                    "flag.outlier.enabled=false")
+    index = review.run(compose())
+    html = index.read_text()
+    assert EVIL not in html and AMP not in html and EVIL_UUID not in html and "<b>&" not in html
+    assert all("/" not in p.name and p.is_file() for p in (index.parent / "thumbs").iterdir())
+
+    tab, ctx, problems = open_page(browser, index)
+    assert tab.evaluate("window.__pwned") is None
+    assert tab.eval_on_selector_all("script", "ss => ss.length") == 2  # the data block and the page's own script
+    card = tab.locator("#grid .card").first
+    assert card.get_attribute("data-uuid") == EVIL_UUID
+    assert card.locator(".given .lab").inner_text() == EVIL
+    assert card.locator(".tops li .lab").first.inner_text() == AMP
+    assert card.locator(".meta .uuid").inner_text() == EVIL_UUID
+    options = tab.eval_on_selector_all("#f-given option", "os => os.map(o => o.textContent)")
+    assert f"{EVIL} (1)" in options and f"{AMP} (1)" in options
+    assert tab.locator("#grid .card img").first.evaluate("i => i.complete && i.naturalWidth") == 16
+    tab.select_option("#f-given", str(classes.index(AMP)))
+    assert visible_cards(tab) == ["r1-0"]
+    tab.keyboard.press("r")  # relabel to the model's pick: the class called </script>...
+    tab.keyboard.press("c")
+    assert EVIL + " \u2192 " + AMP in tab.inner_text("#clusters")
+    csv_path = export(tab, tmp_path / "decisions.csv")
+    assert tab.evaluate("window.__pwned") is None and not problems, problems
+    ctx.close()
+    got = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    assert got.values.tolist() == [["r1-0", f"relabel:{EVIL}", ""]]
+    dec = read_decisions(got, classes=classes, known_uuids=set(issues["image_uuid"]))
+    assert dec["new_label"].tolist() == [EVIL]
+
+
+# -- 5,000 flagged rows -------------------------------------------------------------------------------
+
+
+def big_page(folder: Path, n: int, classes: list[str], *, n_images: int = 100) -> Path:
+    """The review page of ``n`` flagged rows; their thumbnails cycle through ``n_images`` real PNGs.
+
+    Built with the step's own functions, without the step's I/O (manifest, thumbnails of every
+    row, MLflow), which the page's speed in the browser does not depend on.
+    """
+    rng = np.random.default_rng(0)
+    k = len(classes)
+    given = rng.integers(0, k, n)
+    probs = rng.dirichlet(np.ones(k) * 0.5, n)
+    issues = pd.DataFrame({"image_uuid": [f"u{i:05d}" for i in range(n)], "given_label": np.asarray(classes)[given],
+                           "predicted_label": np.asarray(classes)[probs.argmax(1)],
+                           "label_quality": probs[np.arange(n), given], "is_label_issue": True,
+                           "outlier_score": rng.random(n), "is_outlier": rng.random(n) < 0.05})
+    rows = flagged_rows(issues)
+    images = []
+    for j in range(n_images):
+        write_png(folder / "src" / f"{j}.png", 2 * j, size=32)
+        images.append(review.make_thumb(str(folder / "src" / f"{j}.png"), folder / "thumbs", f"img{j}", size=224))
+    order = rows["image_uuid"].str[1:].astype(int).to_numpy()
+    page = page_html(page_rows(rows, probs[order], classes=classes, thumbs=[images[i % n_images] for i in order],
+                               sources=[""] * n), classes=classes, title="5000 rows", details={},
+                     storage_key="test-5000")
+    index = folder / "index.html"
+    index.write_text(page)
+    return index
+
+
+@needs_browser
+def test_page_stays_usable_with_5000_flagged_rows(browser, tmp_path, capsys):
+    classes = [f"class {c:02d}" for c in range(20)]
+    index = big_page(tmp_path, 5000, classes)
+    t = time.perf_counter()
+    tab, ctx, problems = open_page(browser, index)
+    t_open = time.perf_counter() - t
+    assert "5000" in tab.inner_text("#stats")
+    assert tab.eval_on_selector_all("#grid .card", "cs => cs.length") < 200  # rendered in chunks
+    t = time.perf_counter()
+    tab.select_option("#f-given", "3")
+    n3 = int(tab.inner_text("#stats").split("showing ")[1].split()[0])
+    t_filter = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(100):
+        tab.keyboard.press("j")
+    tab.keyboard.press("d")
+    t_keys = time.perf_counter() - t
+    assert "decided 1" in tab.inner_text("#stats") and 0 < n3 < 5000
+    assert not problems, problems
+    ctx.close()
+    with capsys.disabled():
+        print(f"\n5000 flagged rows in Chromium: open {t_open:.2f}s, filter {t_filter:.3f}s, "
+              f"100 x j + d {t_keys:.2f}s")
+    assert t_open < 20 and t_filter < 5  # generous: a shared 2-core CI box; the numbers are printed
