@@ -53,7 +53,8 @@ BATCHED_FALLBACK = "low_normalized_margin"
 # about 6 GiB, a quarter of a 24 GiB machine; ImageNet's 1.28M x 1000 would need about 30 GiB.
 BATCHED_ABOVE_CELLS = 2**28
 BYTES_PER_CELL = 25
-# Cells per chunk when streaming: 2**24 float32 cells are 64 MiB (16k rows x 1000 classes).
+# Cells per chunk when streaming (16k rows x 1000 classes): the chunk's float64 copy and cleanlab's
+# temporaries keep about 0.4 GiB of memory in use, whatever N is (bench/RESULTS.md, B2).
 BATCH_CELLS = 2**24
 
 # How far outside [0, 1] a probability may stray (float32 softmax/sigmoid rounding) before it is
@@ -247,7 +248,8 @@ def find_issues(
     min_examples_per_class : int
         cleanlab's ``min_examples_per_class``: never flag a class below this many rows.
     n_jobs : int
-        cleanlab's ``n_jobs`` (processes; 1 keeps it in this process).
+        cleanlab's ``n_jobs`` (processes; 1 keeps it in this process). In memory only: batched
+        always runs in this process.
     rank_by : str
         cleanlab's ``method`` for the label quality score: one of ``RANK_BY``.
     batched : bool or None
@@ -279,7 +281,7 @@ def find_issues(
     if batched is None:
         batched = n * k > BATCHED_ABOVE_CELLS
     if batched:
-        return _find_issues_batched(labels_arr, probs, filter_by=filter_by, n_jobs=n_jobs, rank_by=rank_by)
+        return _find_issues_batched(labels_arr, probs, filter_by=filter_by, rank_by=rank_by)
     probs = check_pred_probs(probs, n_rows=n, n_classes=k)
 
     is_issue = find_label_issues(
@@ -300,7 +302,7 @@ def find_issues(
     )
 
 
-def _find_issues_batched(labels: np.ndarray, pred_probs, *, filter_by: str, n_jobs: int, rank_by: str) -> pd.DataFrame:
+def _find_issues_batched(labels: np.ndarray, pred_probs, *, filter_by: str, rank_by: str) -> pd.DataFrame:
     """``find_issues`` reading ``pred_probs`` in row chunks of about ``BATCH_CELLS`` cells, in two passes.
 
     This is ``find_label_issues_batched(..., return_mask=True)`` written out with its
@@ -317,14 +319,16 @@ def _find_issues_batched(labels: np.ndarray, pred_probs, *, filter_by: str, n_jo
             f"filter_by={filter_by!r} needs pred_probs in memory; with {n} x {k} = {n * k:,} cells "
             f"(batched above {BATCHED_ABOVE_CELLS:,}) cleanlab's batched {BATCHED_FALLBACK} filter is used "
             f"instead; choose filter_by={' or '.join(BATCHED_FILTER_BY)}, or batched=False to keep "
-            f"{filter_by} (about {BYTES_PER_CELL * n * k / 2**30:.0f} GiB of memory)",
+            f"{filter_by} (about {BYTES_PER_CELL * n * k / 2**30:.1f} GiB of memory)",
             UserWarning,
             stacklevel=3,
         )
         filter_by = BATCHED_FALLBACK
     rows = max(1, BATCH_CELLS // k)
     chunks = [(start, min(n, start + rows)) for start in range(0, n, rows)]
-    inspector = LabelInspector(num_class=k, verbose=False, n_jobs=n_jobs,
+    # n_jobs stays 1: cleanlab's batched pool starts afresh for every chunk, in thousands of tiny
+    # tasks, and made 128k x 1000 seven times slower on 2 cores (bench/RESULTS.md, B2).
+    inspector = LabelInspector(num_class=k, verbose=False, n_jobs=1,
                                quality_score_kwargs={"method": BATCHED_FILTER_BY[filter_by]})
     for start, stop in chunks:  # pass 1: check every value, then per-class confident thresholds
         chunk = np.asarray(pred_probs[start:stop])
@@ -338,7 +342,8 @@ def _find_issues_batched(labels: np.ndarray, pred_probs, *, filter_by: str, n_jo
         chunk, chunk_labels = np.asarray(pred_probs[start:stop]), labels[start:stop]
         inspector.score_label_quality(chunk_labels, chunk)
         given_is_argmax[start:stop] = _reduce_issues(pred_probs=chunk, labels=chunk_labels)  # copies the chunk only
-        probs = np.clip(np.asarray(chunk, dtype=np.float64), 0.0, 1.0)  # as check_pred_probs does in memory
+        probs = np.array(chunk, dtype=np.float64)  # a copy, clipped in place as check_pred_probs clips
+        np.clip(probs, 0.0, 1.0, out=probs)
         predicted[start:stop] = probs.argmax(axis=1)
         # Each score depends on its own row only, so chunked scores equal the in-memory ones.
         quality[start:stop] = get_label_quality_scores(chunk_labels, probs, method=rank_by)

@@ -191,7 +191,7 @@ _KEYS_HTML = (
     " &middot; <kbd>a</kbd> keep (label is right) &middot; <kbd>d</kbd> drop"
     " &middot; <kbd>r</kbd> relabel to the model&rsquo;s pick"
     " &middot; <kbd>1</kbd> <kbd>2</kbd> <kbd>3</kbd> relabel to the model&rsquo;s 1st / 2nd / 3rd class"
-    " &middot; <kbd>u</kbd> undo &middot; <kbd>n</kbd> note (<kbd>Enter</kbd> done)"
+    " &middot; <kbd>u</kbd> undo &middot; <kbd>n</kbd> note, exported with the decision (<kbd>Enter</kbd> done)"
     " &middot; <kbd>c</kbd> cards / clusters &middot; <kbd>e</kbd> export &middot; <kbd>?</kbd> hide keys"
 )
 
@@ -571,7 +571,7 @@ function renderClusters() {
     if (g.sample.length < 12) g.sample.push(i);
   });
   const list = [...groups.values()].sort((a, b) => b.n - a.n || C[a.given].localeCompare(C[b.given]));
-  const box = $("clusters"); box.replaceChildren();
+  const box = $("clusters"); box.replaceChildren(); stripObserver.disconnect();
   for (const g of list) {
     const c = el("div", "cluster"); c.dataset.given = String(g.given); c.dataset.pred = String(g.pred);
     const head = el("div", "head");
@@ -579,11 +579,20 @@ function renderClusters() {
     head.append(pair, el("span", "n", String(g.n)),
       el("span", "sub", g.issues + " label issue(s), " + g.outliers + " outlier(s), " + g.decided + " decided"));
     const strip = el("div", "strip");
-    for (const i of g.sample) if (rows[i].thumb) strip.append(thumbImg(rows[i]));
+    strip.sample = g.sample;
     c.append(head, strip);
     box.append(c);
+    stripObserver.observe(strip);
   }
 }
+// A group's thumbnails are added when it scrolls near the screen: K^2 groups can be thousands of images.
+const stripObserver = new IntersectionObserver((es) => {
+  for (const e of es) {
+    if (!e.isIntersecting) continue;
+    stripObserver.unobserve(e.target);
+    for (const i of e.target.sample) if (rows[i].thumb) e.target.append(thumbImg(rows[i]));
+  }
+}, { rootMargin: "600px 0px" });
 $("clusters").addEventListener("click", (ev) => {
   const c = ev.target.closest(".cluster"); if (!c) return;
   F.given.value = c.dataset.given; F.pred.value = c.dataset.pred; F.kind.value = ""; F.status.value = "";

@@ -189,13 +189,6 @@ def run(cfg: DictConfig) -> Path:
     at = np.array([row_of[u] for u in flagged["image_uuid"]], dtype=int)
 
     review_dir = out_path(cfg, "review")
-    sources = train["abs_path"].to_numpy()[at].tolist() if len(at) else []
-    size = int(rc.thumb_size)
-    thumbs = write_thumbs(sources, flagged["image_uuid"].tolist(), review_dir / "thumbs", size=size,
-                          workers=int(rc.workers))
-    unreadable = sum(name is None for name, _, _ in thumbs)
-    links = [Path(s).resolve().as_uri() for s in sources]
-
     dec_path = _decisions_file(cfg, review_dir)
     initial, n_decisions = {}, 0
     if dec_path is not None:
@@ -205,12 +198,19 @@ def run(cfg: DictConfig) -> Path:
         initial = {u.strip(): (d.strip(), n) for u, d, n in zip(raw["image_uuid"], raw["decision"], notes, strict=True)}
         n_decisions = len(initial)
 
+    sources = train["abs_path"].to_numpy()[at].tolist() if len(at) else []
+    size = int(rc.thumb_size)
+    thumbs = write_thumbs(sources, flagged["image_uuid"].tolist(), review_dir / "thumbs", size=size,
+                          workers=int(rc.workers))
+    unreadable = sum(name is None for name, _, _ in thumbs)
+    links = [Path(s).resolve().as_uri() for s in sources]
+
     flag_run = _flag_run_id(issues_path)
     details = {"rows": f"{len(flagged)} flagged of {len(issues)} scored train rows"
                        + (f" (the {len(flagged)} lowest label quality of {n_flagged}; review.max_rows)"
                           if len(flagged) < n_flagged else ""),
                "issues": str(issues_path), "probabilities": str(oof_path) + (" (rows normalised)" if sigmoid else ""),
-               "flag run": flag_run or "unknown",
+               "flag run": flag_run or "none found beside the issues file (the page is logged to the review run)",
                "then": "Export decisions.csv, then `cleanloop prune prune.decisions=decisions.csv` "
                        "(and `cleanloop review review.decisions=decisions.csv` to log it with this page)"}
     # Stable across re-renders of this output folder and manifest, so saved decisions survive a new page.

@@ -1,0 +1,119 @@
+"""bench/ cannot rot: its scripts run at tiny sizes; and the batched path of find_issues that B2 times."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from cleanlab.experimental.label_issues_batched import find_label_issues_batched
+
+from cleanloop import cleaning
+from cleanloop.cleaning import find_issues
+from cleanloop.errors import CleanloopError
+from cleanloop.flagcore import ISSUE_COLUMNS, flag_tables
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import flagbench  # noqa: E402
+from synth import make_oof, write_oof_memmap  # noqa: E402
+
+
+@pytest.mark.slow  # ~15 s: importing torch, transformers and Lightning is most of it
+def test_gpu_script_smoke_prints_its_table():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--smoke"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| part | batch | images/s"))
+    rows = [line.split("|")[1].strip() for line in lines[header + 2:]]
+    assert len(lines) == header + 2 + len(rows)  # the table is printed last
+    assert rows[:4] == ["forward", "forward", "train", "train"]
+    assert rows[4].startswith("loader") and rows[5].startswith("predict") and rows[6] == "verdict"
+
+
+def test_b1_flag_computation_at_a_tiny_size():
+    result = flagbench.measure("flag", n=2_000, k=25)
+    assert result["n"] == 2_000 and result["k"] == 25
+    for key in ("wall_s", "peak_mib", "find_issues_s", "tables_s", "csv_s"):
+        assert result[key] >= 0, key
+    assert result["wall_s"] >= result["find_issues_s"] + result["tables_s"] + result["csv_s"] - 1e-6
+    assert 0 < result["n_issues"] < 2_000 and result["precision"] > 0.5  # the synthetic noise is findable
+    bare = flagbench.measure("bare", n=2_000, k=25)
+    assert bare["n_issues"] == result["n_issues"]  # same cleanlab call underneath
+
+
+def test_synthetic_noise_is_about_seven_percent_and_class_conditional():
+    labels, probs, true = make_oof(20_000, 25)
+    assert probs.dtype == np.float32 and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    flipped = labels != true
+    assert 0.05 < flipped.mean() < 0.09
+    flips = np.bincount(true, weights=flipped, minlength=25)
+    assert np.sort(flips)[-5:].sum() > 0.5 * flips.sum()  # a fifth of the classes carry most of the noise
+
+
+# --- find_issues, batched (B2's path) ---------------------------------------------------------
+
+
+@pytest.fixture
+def memmapped(tmp_path):
+    probs_path, labels_path, _ = write_oof_memmap(tmp_path, 3_000, 12, chunk_rows=700)
+    return np.load(labels_path), np.load(probs_path, mmap_mode="r")
+
+
+@pytest.mark.parametrize("filter_by", ["low_self_confidence", "low_normalized_margin"])
+def test_batched_matches_cleanlab_batched_and_in_memory_scores(memmapped, monkeypatch, filter_by):
+    labels, probs = memmapped
+    monkeypatch.setattr(cleaning, "BATCH_CELLS", 500 * 12)  # six chunks of 500 rows
+    got = find_issues(labels, probs, filter_by=filter_by, batched=True)
+    want = find_label_issues_batched(labels, probs, batch_size=500, verbose=False, return_mask=True,
+                                     quality_score_kwargs={"method": filter_by.removeprefix("low_")})
+    np.testing.assert_array_equal(got["is_label_issue"].to_numpy(), want)
+    in_memory = find_issues(labels, np.asarray(probs), filter_by=filter_by, batched=False)
+    pd.testing.assert_frame_equal(got[["predicted", "label_quality"]], in_memory[["predicted", "label_quality"]])
+
+
+def test_auto_switch_above_the_threshold_warns_and_falls_back(memmapped, monkeypatch):
+    labels, probs = memmapped
+    small = find_issues(labels, probs)  # 36k cells: in memory, prune_by_noise_rate
+    pd.testing.assert_frame_equal(small, find_issues(labels, probs, batched=False))
+    monkeypatch.setattr(cleaning, "BATCHED_ABOVE_CELLS", 1_000)
+    with pytest.warns(UserWarning, match="low_normalized_margin filter is used instead"):
+        auto = find_issues(labels, probs)
+    pd.testing.assert_frame_equal(auto, find_issues(labels, probs, filter_by="low_normalized_margin", batched=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a filter batched can do: no warning
+        find_issues(labels, probs, filter_by="low_self_confidence")
+
+
+def test_batched_names_the_first_bad_row_of_the_whole_array(monkeypatch):
+    labels, probs, _ = make_oof(1_000, 5)
+    probs[777, 2] = np.nan
+    monkeypatch.setattr(cleaning, "BATCH_CELLS", 100 * 5)
+    with pytest.raises(CleanloopError, match=r"NaN in 1 row\(s\), first row 777"):
+        find_issues(labels, probs, filter_by="low_self_confidence", batched=True)
+    assert np.isnan(probs[777, 2])  # the caller's array is not touched
+
+
+# --- flagcore ------------------------------------------------------------------------------------
+
+
+def test_flag_tables_order_is_the_two_key_sort_with_ties():
+    rng = np.random.default_rng(0)
+    n, classes = 500, ["a", "b", "c"]
+    found = pd.DataFrame({"predicted": rng.integers(0, 3, n),
+                          "label_quality": rng.choice([0.0, 0.25, 0.5, 1.0], n),  # many ties
+                          "is_label_issue": rng.random(n) < 0.2})
+    uuids = pd.Series([f"u{i}" for i in rng.permutation(n)], dtype="str")
+    given = pd.Series(np.array(classes)[rng.integers(0, 3, n)], dtype="str")
+    tables = flag_tables(found, classes=classes, image_uuids=uuids, paths=uuids, given_labels=given)
+    assert list(tables.issues.columns) == ISSUE_COLUMNS
+    want = pd.DataFrame({"image_uuid": uuids, "label_quality": found["label_quality"]}).sort_values(
+        ["label_quality", "image_uuid"], kind="mergesort")
+    assert tables.issues["image_uuid"].tolist() == want["image_uuid"].tolist()
+    assert tables.per_class["n_issues"].sum() == found["is_label_issue"].sum()
+    assert tables.confusions["count"].sum() == found["is_label_issue"].sum()
