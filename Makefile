@@ -64,8 +64,8 @@ train-cleaned: $(STAMP) ## train on the cleaned manifest
 compare: $(STAMP) ## per-class recall deltas with bootstrap intervals
 	$(BIN)/cleanloop compare $(ARGS)
 
-sweep: $(STAMP) ## multirun over cleanlab's filter_by
-	$(BIN)/cleanloop cycle -m flag.filter_by=prune_by_noise_rate,both,confident_learning $(ARGS)
+sweep: $(STAMP) ## multirun: cleanlab's filter_by x recipe.seed, ending with sweep_summary.csv
+	$(BIN)/cleanloop cycle -m flag.filter_by=prune_by_noise_rate,both,confident_learning recipe.seed=0,1,2 $(ARGS)
 
 ui: $(STAMP) ## MLflow UI on the project's store at 127.0.0.1:$(UI_PORT)
 	@$(BIN)/python -m cleanloop.tracking --uri "$(STORE)" --port $(UI_PORT)

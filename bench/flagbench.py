@@ -120,6 +120,7 @@ def flag_computation(labels, pred_probs, *, classes, uuids, paths, given, out_di
     write_csv(out_dir / "issue_confusions.csv", tables.confusions)
     t3 = time.perf_counter()
     return {"find_issues_s": t1 - t0, "tables_s": t2 - t1, "csv_s": t3 - t2,
+            "csv_mb": (out_dir / "label_issues.csv").stat().st_size / 1e6,
             "n_issues": int(found["is_label_issue"].sum()), "is_issue": found["is_label_issue"].to_numpy()}
 
 

@@ -6,7 +6,7 @@ which ``find_issues`` streams in chunks. Every figure is the min and median over
 repeat a fresh process (bench/flagbench.py says why). Cases are interleaved (flag, bare, flag,
 bare...) so that load from other work on the machine hits them alike.
 
-    python bench/run.py                 # B1 and B2 (about 10 minutes on 2 cores)
+    python bench/run.py                 # B1 and B2 (5-10 minutes on 2 cores, 5 GB of disk)
     python bench/run.py --skip-b2       # B1 only; keeps the B2 section of the last full run
 """
 
@@ -186,7 +186,8 @@ def b1_section(r: dict) -> str:
         f"| bare cleanlab calls | 2 | {mm(bare2['wall_s'])} | {mm(bare2['peak_mib'], '.0f')} |",
         "",
         f"Where the flag computation's time goes (median s, n_jobs=1): find_issues {flag['find_issues_s'][1]:.2f},",
-        f"tables {flag['tables_s'][1]:.2f}, CSVs {flag['csv_s'][1]:.2f}.",
+        f"tables {flag['tables_s'][1]:.2f}, CSVs {flag['csv_s'][1]:.2f} (pandas `to_csv`, {flag['csv_mb']:.0f} MB of label_issues.csv); without the CSVs",
+        f"it is {(flag['find_issues_s'][1] + flag['tables_s'][1]) / bare['wall_s'][1]:.1f}x the bare calls.",
         "",
         "| target | measured (median) | |",
         "|---|---:|---|",
@@ -235,7 +236,7 @@ def b2_section(r: dict, m: dict) -> str:
         "with n_jobs=1.",
         "",
         f"Where the flag computation's time goes (median s): find_issues {flag['find_issues_s'][1]:.1f}, "
-        f"tables {flag['tables_s'][1]:.1f}, CSVs {flag['csv_s'][1]:.1f}.",
+        f"tables {flag['tables_s'][1]:.1f}, CSVs {flag['csv_s'][1]:.1f} ({flag['csv_mb']:.0f} MB of label_issues.csv).",
         "",
         "| target | measured (median, n_jobs=1) | |",
         "|---|---:|---|",

@@ -108,7 +108,7 @@ def test_cycle_on_demo_end_to_end(tmp_path, demo_dir):
     cycle = runs[runs["tags.cleanloop.step"] == "cycle"]
     assert len(cycle) == 1
     children = runs[runs["tags.mlflow.parentRunId"] == cycle.iloc[0]["run_id"]]
-    assert sorted(children["tags.cleanloop.step"]) == ["compare", "flag", "oof", "prune", "train", "train"]
+    assert sorted(children["tags.cleanloop.step"]) == ["compare", "flag", "oof", "prune", "review", "train", "train"]
     oof_id = children[children["tags.cleanloop.step"] == "oof"].iloc[0]["run_id"]
     assert (runs["tags.mlflow.parentRunId"] == oof_id).sum() == 5
     trains = children[children["tags.cleanloop.step"] == "train"]
@@ -121,3 +121,4 @@ def test_cycle_on_demo_end_to_end(tmp_path, demo_dir):
     for step in ("oof", "flag", "prune", "train-baseline", "train-cleaned"):
         assert f"cycle: {step} skipped" in again.stdout
     assert "fold 1/5 trained" not in again.stdout
+    assert "review" in again.stdout and (tmp_path / "outputs" / "demo" / "review" / "index.html").is_file()

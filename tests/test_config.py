@@ -19,6 +19,7 @@ GROUPS = {
     "flag": ["default"],
     "prune": ["default"],
     "compare": ["default"],
+    "review": ["default"],
 }
 
 
@@ -50,7 +51,7 @@ def test_medsiglip_and_gpu_presets(cfg_factory):
     cfg = cfg_factory("model=medsiglip", "trainer=ddp")
     assert cfg.model.name_or_path == "google/medsiglip-448" and cfg.model.image_size == 448
     assert list(cfg.model.image_mean) == [0.5, 0.5, 0.5] == list(cfg.model.image_std)
-    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.strategy == "ddp"
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.strategy == "ddp_spawn"
 
 
 def test_optimizer_is_a_partial(cfg_factory):
@@ -59,6 +60,20 @@ def test_optimizer_is_a_partial(cfg_factory):
     cfg = cfg_factory()
     opt = hydra.utils.instantiate(cfg.recipe.optimizer)(torch.nn.Linear(2, 2).parameters(), lr=0.1)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == cfg.recipe.optimizer.weight_decay
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "slurm"])
+def test_launchers_compose(launcher):
+    from hydra import compose, initialize_config_dir
+
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher" if launcher == "slurm" else "hydra_plugins.hydra_joblib_launcher")
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.gpus_per_node == 1
+        assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    else:
+        assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
 
 
 def test_experiment_preset_overrides_only_deltas(cfg_factory):

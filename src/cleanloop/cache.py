@@ -3,8 +3,7 @@
 The key hashes everything that changes a step's outputs (for ``oof``: the manifest's content,
 the classes, model, recipe, folds and seed; for ``flag``: the OOF key plus the flag options;
 and so on). A sweep over ``flag.*`` therefore trains the folds once. ``paths.out_dir`` keeps
-the contract layout: its files are hard links to (or, across file systems, copies of) the
-cached ones.
+the contract layout: its files are copies of the cached ones (hard links for big files).
 
 Concurrent jobs that need the same entry (a joblib sweep) take a file lock on it: one builds,
 the others wait and reuse.
@@ -73,11 +72,19 @@ class StepCache:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+LINK_ABOVE_BYTES = 8 << 20  # big files (OOF, embeddings, weights) are hard-linked; small ones copied
+
+
 def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not allowed: copy
-        shutil.copy2(src, dst)
+    # A copy keeps the cache safe from in-place edits of a published CSV; a link saves the space of a
+    # big file (cleanloop itself only ever replaces files by rename, never writes into them).
+    if os.path.getsize(src) > LINK_ABOVE_BYTES:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # another file system, or links not allowed
+            pass
+    shutil.copy2(src, dst)
 
 
 def publish(entry_dir: Path, dest: Path, names: list[str]) -> None:

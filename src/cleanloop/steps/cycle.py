@@ -1,4 +1,4 @@
-"""``cleanloop cycle``: demo-data -> oof -> flag -> prune -> train baseline -> train cleaned -> compare.
+"""``cleanloop cycle``: demo-data -> oof -> flag -> review page -> prune -> train baseline -> train cleaned -> compare.
 
 One MLflow parent run with every step nested under it. Each step keeps its outputs in the step
 cache (cleanloop.cache) under a key of its inputs and config, so a step whose outputs already
@@ -7,9 +7,11 @@ exist is skipped and says so. Ends with ``summary.json`` and a ten-second printe
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -17,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cleanloop.config import file_hash
 from cleanloop.io import write_json
-from cleanloop.steps import compare, flag, oof, prune, train
+from cleanloop.steps import compare, flag, oof, prune, review, train
 from cleanloop.steps.common import input_manifest_path, load_input, out_path
 from cleanloop.tracking import compare_runs_url, parent_run_tags, runs_page_url, setup
 
@@ -30,6 +32,11 @@ def _with(cfg: DictConfig, **overrides: Any) -> DictConfig:
         for dotted, value in overrides.items():
             OmegaConf.update(new, dotted, value, merge=False)
     return new
+
+
+def _review(cfg: DictConfig) -> dict:
+    page = review.run(cfg)
+    return json.loads(Path(page).with_name("review_summary.json").read_text())
 
 
 def run(cfg: DictConfig) -> dict:
@@ -58,6 +65,7 @@ def run(cfg: DictConfig) -> dict:
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         step("oof", lambda: oof.run(cfg))
         flag_info = step("flag", lambda: flag.run(cfg))
+        step("review", lambda: _review(cfg))
         prune_info = step("prune", lambda: prune.run(cfg))
         for role in ("baseline", "cleaned"):
             step(f"train-{role}", lambda role=role: train.run(_with(cfg, role=role)))
@@ -81,6 +89,7 @@ def run(cfg: DictConfig) -> dict:
                 "oof_probs": str(out_path(cfg, "oof", "oof_probs.parquet")),
                 "label_issues": str(flag_dir / "label_issues.csv"),
                 "montage": str(flag_dir / "mislabel_candidates.png"),
+                "review_page": str(out_path(cfg, "review", "index.html")),
                 "cleaned_manifest": prune_info["path"], "pruned_rows": str(out_path(cfg, "prune", "pruned_rows.csv")),
                 "recall_deltas": str(out_path(cfg, "compare", "recall_deltas.csv")),
                 "chart": str(out_path(cfg, "compare", "recall_deltas.png")),
@@ -130,7 +139,8 @@ def format_summary(s: dict) -> str:
     lines.append("  recall moved most: " + "; ".join(
         f"{r['class']} {_pts(r['delta'])} [{_pts(r['ci_low'])}, {_pts(r['ci_high'])}]" for r in moved))
     p = s["paths"]
-    lines += [f"  montage   {p['montage']}", f"  chart     {p['chart']}",
+    lines += [f"  montage   {p['montage']}", f"  review    {p['review_page']} (open in a browser; decisions -> "
+              "`cleanloop prune prune.decisions=decisions.csv`)", f"  chart     {p['chart']}",
               f"  MLflow    `make ui`, then {s['mlflow']['runs_page']}",
               f"            baseline vs cleaned side by side: {s['mlflow']['compare_view']}"]
     return "\n".join(lines)

@@ -33,6 +33,7 @@ from cleanloop.oof_file import load_oof
 from cleanloop.pruning import read_decisions
 from cleanloop.review_page import flagged_rows, page_html, page_rows, thumb_name
 from cleanloop.steps.common import load_input, out_path
+from cleanloop.steps.flag import issues_output, oof_input
 from cleanloop.tracking import log_artifact_files, step_run
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def run(cfg: DictConfig) -> Path:
     rc = cfg.review
     m = load_input(cfg)
     train, classes = m.train.reset_index(drop=True), m.classes
-    issues_path = Path(rc.issues) if rc.get("issues") else out_path(cfg, "flag", "label_issues.csv")
+    issues_path = Path(rc.issues) if rc.get("issues") else issues_output(cfg, m)
     issues = _read_csv(issues_path, "label issues", "run `cleanloop flag` first or set review.issues=PATH")
     row_of = {u: i for i, u in enumerate(train["image_uuid"])}
     unknown = sorted(set(issues.get("image_uuid", [])) - set(row_of))
@@ -182,7 +183,7 @@ def run(cfg: DictConfig) -> Path:
                              f"(first: {unknown[:3]}); it was flagged on another manifest: re-run `cleanloop flag`")
     flagged = flagged_rows(issues, max_rows=int(rc.max_rows), source=str(issues_path))
     n_flagged = len(flagged_rows(issues, source=str(issues_path))) if rc.max_rows else len(flagged)
-    oof_path = Path(cfg.flag.oof) if cfg.flag.get("oof") else out_path(cfg, "oof", "oof_probs.parquet")
+    oof_path = oof_input(cfg, m)
     oof = load_oof(oof_path, train=train, classes=classes, head=cfg.recipe.head)
     sigmoid = oof.meta.get("head") == "sigmoid"
     probs = normalise_rows(oof.pred_probs) if sigmoid else oof.pred_probs  # what flag ranked by
