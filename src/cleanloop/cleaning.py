@@ -54,7 +54,7 @@ BATCHED_FALLBACK = "low_normalized_margin"
 BATCHED_ABOVE_CELLS = 2**28
 BYTES_PER_CELL = 25
 # Cells per chunk when streaming (16k rows x 1000 classes): the chunk's float64 copy and cleanlab's
-# temporaries keep about 0.4 GiB of memory in use, whatever N is (bench/RESULTS.md, B2).
+# temporaries keep about 0.35 GiB of memory in use, whatever N is (bench/RESULTS.md, B2).
 BATCH_CELLS = 2**24
 
 # How far outside [0, 1] a probability may stray (float32 softmax/sigmoid rounding) before it is
@@ -115,7 +115,7 @@ def check_pred_probs(
     """
     where = "pred_probs" if source == "pred_probs" else f"{source}: pred_probs"
     try:
-        probs = np.asarray(pred_probs, dtype=np.float64)
+        probs = np.array(pred_probs, dtype=np.float64)  # always a copy: clipped in place below
     except (TypeError, ValueError) as e:
         raise CleanloopError(f"{where} is not a numeric array ({e}); {fix}") from e
     if probs.ndim != 2 or probs.shape != (n_rows, n_classes):
@@ -124,9 +124,7 @@ def check_pred_probs(
         )
 
     _check_values(probs, where=where, fix=fix, uuids=uuids, n_rows=n_rows)
-    # Clip in place only when asarray made a fresh copy (e.g. from float32): never the caller's data.
-    fresh = probs is not pred_probs and probs.base is None
-    return np.clip(probs, 0.0, 1.0, out=probs if fresh else None)
+    return np.clip(probs, 0.0, 1.0, out=probs)
 
 
 def _check_values(probs: np.ndarray, *, where: str, fix: str, uuids=None, n_rows: int, first_row: int = 0) -> None:

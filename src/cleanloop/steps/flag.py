@@ -19,14 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from cleanloop.cleaning import (
     find_issues,
     flag_scores,
-    issue_confusions,
-    issues_per_class,
     mark_outliers,
     normalise_rows,
     outlier_scores,
     render_montage,
 )
 from cleanloop.config import file_hash, short_hash
+from cleanloop.flagcore import flag_tables
 from cleanloop.io import write_csv, write_json
 from cleanloop.oof_file import load_oof
 from cleanloop.steps.common import cached, load_input, out_path, step_cache
@@ -34,8 +33,6 @@ from cleanloop.tracking import log_artifact_files, log_key_mapping, metric_key, 
 
 log = logging.getLogger(__name__)
 
-ISSUE_COLUMNS = ["image_uuid", "path", "given_label", "predicted_label", "label_quality",
-                 "is_label_issue", "outlier_score", "is_outlier"]
 
 
 def _embeddings(oof_path: Path, file_rows: np.ndarray) -> np.ndarray | None:
@@ -129,7 +126,8 @@ def _flag(cfg: DictConfig, m, oof_path: Path, out_dir: Path, key: str) -> dict:
         if sigmoid:
             log.info("flag: sigmoid head: each pred_probs row normalised to sum to one before cleanlab")
         found = find_issues(labels, pred_probs, filter_by=fc.filter_by, frac_noise=fc.frac_noise,
-                            min_examples_per_class=fc.min_examples_per_class, n_jobs=fc.n_jobs, rank_by=fc.rank_by)
+                            min_examples_per_class=fc.min_examples_per_class, n_jobs=fc.n_jobs, rank_by=fc.rank_by,
+                            batched=fc.get("batched"))
         emb = _embeddings(oof_path, oof.file_rows) if fc.outlier.enabled else None
         if not fc.outlier.enabled:
             scores = np.zeros(len(train))
@@ -139,21 +137,15 @@ def _flag(cfg: DictConfig, m, oof_path: Path, out_dir: Path, key: str) -> dict:
             scores = outlier_scores(pred_probs, labels=labels)
         is_outlier = mark_outliers(scores, top_fraction=fc.outlier.top_fraction) if fc.outlier.enabled \
             else np.zeros(len(train), dtype=bool)
-        predicted = np.asarray(classes)[found["predicted"].to_numpy()]
-        table = pd.DataFrame({
-            "image_uuid": train["image_uuid"], "path": train["abs_path"], "given_label": train["label"],
-            "predicted_label": predicted, "label_quality": found["label_quality"].to_numpy(),
-            "is_label_issue": found["is_label_issue"].to_numpy(), "outlier_score": scores, "is_outlier": is_outlier,
-        })[ISSUE_COLUMNS]
-        table = table.sort_values(["label_quality", "image_uuid"], kind="mergesort").reset_index(drop=True)
+        tables = flag_tables(found, classes=classes, image_uuids=train["image_uuid"], paths=train["abs_path"],
+                             given_labels=train["label"], outlier_score=scores, is_outlier=is_outlier)
+        table, per_class, confusions = tables.issues, tables.per_class, tables.confusions
         is_issue = table["is_label_issue"].to_numpy()
-        per_class = issues_per_class(table["given_label"], is_issue, classes)
         baseline = _baseline_test_metrics(cfg, data_hash)
         if baseline is not None:
             per_class["test_recall"] = [baseline.get(f"metrics.test/recall/{metric_key(c)}") for c in per_class["class"]]
             per_class["test_f1"] = [baseline.get(f"metrics.test/f1/{metric_key(c)}") for c in per_class["class"]]
             mlflow.set_tag("cleanloop.baseline_run", baseline["run_id"])
-        confusions = issue_confusions(table["given_label"], table["predicted_label"], is_issue)
 
         write_csv(out_dir / "label_issues.csv", table)
         write_csv(out_dir / "issues_per_class.csv", per_class)
