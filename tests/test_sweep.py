@@ -165,3 +165,16 @@ def test_ddp_oof_scores_every_row_once_like_one_process(tmp_path):
     single, ddp = outs["single"], outs["ddp"]
     assert len(ddp) == 21 and ddp["image_uuid"].is_unique and list(ddp["image_uuid"]) == list(single["image_uuid"])
     np.testing.assert_allclose(ddp[CLASSES].to_numpy(), single[CLASSES].to_numpy(), atol=1e-5)
+
+
+def test_unreachable_tracking_server_fails_before_training(capsys, tiny_manifest, tmp_path):
+    from cleanloop import cli
+
+    port = _free_port()  # nothing listens there
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", *TINY, f"data.manifest={tiny_manifest}", f"tracking.uri=http://127.0.0.1:{port}",
+                  f"paths.root_dir={tmp_path}"])
+    out = capsys.readouterr()
+    assert e.value.code == 1
+    assert f"tracking.uri=http://127.0.0.1:{port}: no MLflow server answers" in out.err
+    assert "epoch 1/" not in out.out and not list(tmp_path.rglob("metrics.json"))

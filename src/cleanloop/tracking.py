@@ -51,9 +51,29 @@ def store_uri(uri: str) -> str:
     return uri
 
 
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any training, when an http(s) tracking server does not answer.
+
+    MLflow's own client would retry for minutes before giving up.
+    """
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise CleanloopError(
+            f"tracking.uri={uri}: no MLflow server answers ({reason}); start it (`mlflow server --host ... "
+            "--port ...`) or drop tracking.uri to use the local store mlruns/mlflow.db"
+        ) from e
+
+
 def setup(tracking_cfg) -> str:
     """Point MLflow at the configured store and return the experiment id (created with the UI tag)."""
     uri = str(tracking_cfg.uri)
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///").split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(store_uri(uri))
