@@ -15,7 +15,7 @@ GROUPS = {
     "recipe": ["default"],
     "tracking": ["mlflow"],
     "paths": ["default"],
-    "oof": ["kfold", "insample"],
+    "oof": ["embed", "insample", "kfold"],
     "flag": ["default"],
     "prune": ["default"],
     "compare": ["default"],

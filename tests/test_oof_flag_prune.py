@@ -256,3 +256,18 @@ def test_prune_refuses_bad_decisions(capsys, tiny_manifest, tmp_path, decision, 
     assert code == 1 and expected in err and err.strip().startswith("cleanloop prune: error: ")
     assert len(err.strip().splitlines()) == 1 and sha(decisions) == before
     assert not list(tmp_path.rglob("cleaned_manifest.*"))
+
+
+@pytest.mark.slow
+def test_embed_mode_oof_same_folds_and_file(demo_oof, demo_dir, tmp_path):
+    cfg, kfold_path = demo_oof
+    cfg_e = make_cfg(tmp_path, f"data.manifest={demo_dir}/manifest.csv", *FAST, "oof=embed")
+    t0 = time.time()
+    info = oof.run(cfg_e)
+    seconds = time.time() - t0
+    embed, kfold = pd.read_parquet(info["path"]), pd.read_parquet(kfold_path)
+    assert list(embed.columns) == list(kfold.columns) and len(embed) == len(kfold)
+    assert embed["image_uuid"].is_unique and (embed["fold"].to_numpy() == kfold["fold"].to_numpy()).all()
+    classes = read_meta(info["path"])["classes"]
+    assert np.allclose(embed[classes].sum(1), 1.0, atol=1e-5) and read_meta(info["path"])["method"] == "embed"
+    assert 0 < info["top1"] <= 1 and seconds < 120

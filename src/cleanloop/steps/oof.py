@@ -3,6 +3,8 @@
 ``oof=kfold`` (default): grouped, stratified folds; each fold trains the recipe on the other
 folds and predicts the held-out one. Finished folds are kept in ``oof/folds/`` under a key of
 everything that affects them, so a re-run resumes at the first unfinished fold.
+``oof=embed``: frozen-backbone embeddings once, a logistic-regression head per fold: the same
+folds and file for a fraction of the cost, when the backbone is pretrained.
 ``oof=insample``: score the train rows with an existing model, as the team's first pass did
 (memorised errors look confident: the run is tagged in-sample).
 """
@@ -36,10 +38,11 @@ log = logging.getLogger(__name__)
 def oof_key(cfg: DictConfig, manifest_hash: str, classes: list[str]) -> str:
     """Everything that changes the OOF probabilities: data, classes, model, recipe, folds."""
     insample = cfg.oof.method == "insample"
+    embed = {"C": cfg.oof.C, "max_iter": cfg.oof.max_iter} if cfg.oof.method == "embed" else None
     return short_hash({"data": manifest_hash, "classes": classes, "recipe": recipe_hash(cfg, with_seed=True),
                        "method": cfg.oof.method, "n_folds": None if insample else cfg.oof.n_folds,
-                       "seed": None if insample else cfg.oof.seed,
-                       "checkpoint": checkpoint_identity(cfg.oof.get("checkpoint")) if insample else None})
+                       "seed": None if insample else cfg.oof.seed, "embed": embed,
+                       "checkpoint": checkpoint_identity(cfg.oof.get("checkpoint"))})
 
 
 def _save_fold(path: Path, uuids: list[str], probs: np.ndarray, *, key: str, fold: int) -> None:
@@ -60,13 +63,50 @@ def _heldout_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str]) 
     return {"top1": m["top1"], "balanced_accuracy": m["balanced_accuracy"]}
 
 
+def _folds(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray) -> np.ndarray:
+    groups = train["group"].to_numpy() if "group" in train.columns and (train["group"] != "").all() else None
+    folds = assign_folds(labels, n_folds=cfg.oof.n_folds, seed=cfg.oof.seed, groups=groups)
+    log.info("oof: %d train rows in %d folds (%s)", len(train), cfg.oof.n_folds,
+             "StratifiedGroupKFold on group" if groups is not None else "StratifiedKFold")
+    return folds
+
+
+def _embed(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: list[str]
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """oof=embed: frozen-backbone embeddings once, then a logistic-regression head per fold.
+
+    The same grouped folds and output as oof=kfold at a fraction of the cost; its quality rests
+    on the backbone being pretrained (a random-init backbone gives weak features).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if cfg.oof.get("checkpoint"):
+        emb = predict(cfg, _load_checkpoint(cfg, classes), {"train": train})["train"].embeddings
+    else:
+        emb = _backbone_embeddings(cfg, train, classes)
+    folds = _folds(cfg, train, labels)
+    probs = np.zeros((len(train), len(classes)), dtype=np.float32)
+    for k in range(cfg.oof.n_folds):
+        held = folds == k
+        head = make_pipeline(StandardScaler(), LogisticRegression(C=cfg.oof.C, max_iter=cfg.oof.max_iter))
+        head.fit(emb[~held], labels[~held])
+        # a class absent from the training folds gets probability 0 in its column
+        probs[np.ix_(held, head.classes_)] = head.predict_proba(emb[held])
+        metrics = _heldout_metrics(labels[held], probs[held], classes)
+        with mlflow.start_run(run_name=f"oof-fold-{k}", nested=True,
+                              tags={"cleanloop.step": "oof-fold", "cleanloop.fold": str(k)}):
+            mlflow.log_metrics({f"heldout/{m}": v for m, v in metrics.items()})
+        log.info("oof: fold %d/%d head fitted, held-out top1 (vs given labels) %.3f", k + 1, cfg.oof.n_folds,
+                 metrics["top1"])
+    return probs, folds, emb
+
+
 def _kfold(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: list[str], key: str,
            out_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     n_folds = cfg.oof.n_folds
-    groups = train["group"].to_numpy() if "group" in train.columns and (train["group"] != "").all() else None
-    folds = assign_folds(labels, n_folds=n_folds, seed=cfg.oof.seed, groups=groups)
-    log.info("oof: %d train rows in %d folds (%s)", len(train), n_folds,
-             "StratifiedGroupKFold on group" if groups is not None else "StratifiedKFold")
+    folds = _folds(cfg, train, labels)
     probs = np.zeros((len(train), len(classes)), dtype=np.float32)
     for k in range(n_folds):
         held = folds == k
@@ -144,9 +184,9 @@ def oof_key_for(cfg: DictConfig, m) -> str:
 def run(cfg: DictConfig) -> dict:
     """Write ``oof/oof_probs.parquet`` (cached by key); returns its path, the run id and the OOF figures."""
     method = cfg.oof.method
-    if method not in ("kfold", "insample"):
-        raise CleanloopError(f"oof.method={method!r}: choose oof=kfold or oof=insample")
-    m = load_input(cfg, min_train_per_class=cfg.oof.n_folds if method == "kfold" else None)
+    if method not in ("kfold", "embed", "insample"):
+        raise CleanloopError(f"oof.method={method!r}: choose oof=kfold, oof=embed or oof=insample")
+    m = load_input(cfg, min_train_per_class=cfg.oof.n_folds if method != "insample" else None)
     train, classes = m.train.reset_index(drop=True), m.classes
     labels = m.label_indices(train)
     manifest_hash = file_hash(m.source)
@@ -161,6 +201,12 @@ def run(cfg: DictConfig) -> dict:
             if method == "kfold":
                 probs, folds = _kfold(cfg, train, labels, classes, key, out_dir)
                 emb = _backbone_embeddings(cfg, train, classes)
+            elif method == "embed":
+                if cfg.oof.get("checkpoint"):
+                    log.warning("oof=embed: the backbone %s may be fine-tuned on these rows: its embeddings are "
+                                "in-sample", cfg.oof.checkpoint)
+                    mlflow.set_tag("cleanloop.in_sample_backbone", "true")
+                probs, folds, emb = _embed(cfg, train, labels, classes)
             else:
                 model = _load_checkpoint(cfg, classes)
                 head = model.head_kind
