@@ -78,7 +78,7 @@ def test_medsiglip_cli_exits_with_the_line_not_a_traceback(tmp_path, tiny_manife
     assert "Traceback" not in r.stderr
 
 
-def test_not_built_step_and_unknown_step(tmp_path):
+def test_unknown_step_exits_2(tmp_path):
     assert run_cli("nonsense", cwd=tmp_path).returncode == 2
 
 

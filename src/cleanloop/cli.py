@@ -90,13 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE.format(steps=" | ".join(STEPS)))
         sys.exit(0 if argv else 2)
     step = argv.pop(0)
-    if step.startswith("step="):  # a relaunched worker sees the argv we built below
-        step = step.split("=", 1)[1]
     if step not in STEPS:
         print(f"cleanloop: unknown step {step!r}; choose one of {', '.join(STEPS)}", file=sys.stderr)
-        sys.exit(2)
-    if STEPS[step] is None:
-        print(f"cleanloop {step}: not built yet", file=sys.stderr)
         sys.exit(2)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

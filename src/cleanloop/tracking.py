@@ -6,11 +6,9 @@ cycle's parent run automatically.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -155,12 +153,6 @@ def log_classification(metrics: dict, prefix: str = "test") -> None:
         values[f"{prefix}/recall/{metric_key(c)}"] = m["recall"]
         values[f"{prefix}/f1/{metric_key(c)}"] = m["f1"]
     mlflow.log_metrics(values)
-
-
-def download_json(run_id: str, artifact: str) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=tmp)
-        return json.loads(Path(path).read_text())
 
 
 def runs_page_url(host: str, experiment_id: str) -> str:

@@ -6,10 +6,12 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 from omegaconf import DictConfig
 
 from cleanloop.cache import StepCache, publish
 from cleanloop.demo import ensure_demo
+from cleanloop.errors import CleanloopError
 from cleanloop.manifest import Manifest, load_manifest
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,16 @@ def load_input(cfg: DictConfig, path: str | Path | None = None, *, min_train_per
     classes = list(cfg.data.classes) if cfg.data.get("classes") else None
     return load_manifest(Path(path) if path is not None else source, image_root=image_root, classes=classes,
                          min_train_per_class=min_train_per_class, min_train_hint=min_train_hint)
+
+
+def read_csv_strings(path: Path, what: str, hint: str) -> pd.DataFrame:
+    """A user's CSV (issues, decisions) as strings; missing or unreadable is one clear line."""
+    if not path.is_file():
+        raise CleanloopError(f"{path}: {what} not found; {hint}")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except Exception as e:
+        raise CleanloopError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from e
 
 
 def out_path(cfg: DictConfig, *parts: str) -> Path:

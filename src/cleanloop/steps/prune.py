@@ -18,19 +18,10 @@ from cleanloop.errors import CleanloopError
 from cleanloop.io import write_csv, write_table
 from cleanloop.manifest import read_manifest
 from cleanloop.pruning import apply_pruning, read_decisions, select_pruned
-from cleanloop.steps.common import cached, load_input, out_path, step_cache
+from cleanloop.steps.common import cached, load_input, out_path, read_csv_strings, step_cache
 from cleanloop.tracking import log_artifact_files, metric_key, step_run
 
 log = logging.getLogger(__name__)
-
-
-def _read_csv(path: Path, what: str, hint: str) -> pd.DataFrame:
-    if not path.is_file():
-        raise CleanloopError(f"{path}: {what} not found; {hint}")
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except Exception as e:
-        raise CleanloopError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from e
 
 
 def issues_input(cfg: DictConfig, m) -> Path:
@@ -75,7 +66,7 @@ def run(cfg: DictConfig) -> dict:
 def _prune(cfg: DictConfig, m, issues_path: Path, out_dir: Path, ext: str) -> dict:
     train = m.train
     pc = cfg.prune
-    issues = _read_csv(issues_path, "label issues", "run `cleanloop flag` first or set prune.issues=PATH")
+    issues = read_csv_strings(issues_path, "label issues", "run `cleanloop flag` first or set prune.issues=PATH")
     unknown = sorted(set(issues["image_uuid"]) - set(train["image_uuid"]))
     if unknown:
         raise CleanloopError(f"{issues_path}: {len(unknown)} image_uuid(s) are not train rows of {m.source} "
@@ -84,7 +75,7 @@ def _prune(cfg: DictConfig, m, issues_path: Path, out_dir: Path, ext: str) -> di
     decisions = None
     if pc.get("decisions"):
         path = Path(pc.decisions)
-        raw = _read_csv(path, "decisions file", "export it from the review page or write image_uuid,decision")
+        raw = read_csv_strings(path, "decisions file", "export it from the review page or write image_uuid,decision")
         decisions = read_decisions(raw, classes=m.classes, known_uuids=set(issues["image_uuid"]), source=str(path))
     pruned = select_pruned(
         issues, drop_label_issues=pc.drop_label_issues, drop_outliers=pc.drop_outliers,

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 from omegaconf import DictConfig
 from PIL import Image, ImageOps
 
@@ -32,7 +31,7 @@ from cleanloop.io import atomic_path, write_atomic, write_json
 from cleanloop.oof_file import load_oof
 from cleanloop.pruning import read_decisions
 from cleanloop.review_page import flagged_rows, page_html, page_rows, thumb_name
-from cleanloop.steps.common import load_input, out_path
+from cleanloop.steps.common import load_input, out_path, read_csv_strings
 from cleanloop.steps.flag import issues_output, oof_input
 from cleanloop.tracking import log_artifact_files, step_run
 
@@ -144,15 +143,6 @@ def take_screenshot(page: Path, out: Path, *, chromium: str, viewport: tuple[int
 # ---- the step -----------------------------------------------------------------------------------
 
 
-def _read_csv(path: Path, what: str, hint: str) -> pd.DataFrame:
-    if not path.is_file():
-        raise CleanloopError(f"{path}: {what} not found; {hint}")
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except Exception as e:
-        raise CleanloopError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from e
-
-
 def _flag_run_id(issues_path: Path) -> str | None:
     summary = issues_path.with_name("flag_summary.json")
     try:
@@ -175,7 +165,7 @@ def run(cfg: DictConfig) -> Path:
     m = load_input(cfg)
     train, classes = m.train.reset_index(drop=True), m.classes
     issues_path = Path(rc.issues) if rc.get("issues") else issues_output(cfg, m)
-    issues = _read_csv(issues_path, "label issues", "run `cleanloop flag` first or set review.issues=PATH")
+    issues = read_csv_strings(issues_path, "label issues", "run `cleanloop flag` first or set review.issues=PATH")
     row_of = {u: i for i, u in enumerate(train["image_uuid"])}
     unknown = sorted(set(issues.get("image_uuid", [])) - set(row_of))
     if unknown:
@@ -193,7 +183,7 @@ def run(cfg: DictConfig) -> Path:
     dec_path = _decisions_file(cfg, review_dir)
     initial, n_decisions = {}, 0
     if dec_path is not None:
-        raw = _read_csv(dec_path, "decisions file", "export it from the review page (Export decisions.csv)")
+        raw = read_csv_strings(dec_path, "decisions file", "export it from the review page (Export decisions.csv)")
         read_decisions(raw, classes=classes, known_uuids=set(issues["image_uuid"]), source=str(dec_path))
         notes = raw["reviewer_note"] if "reviewer_note" in raw.columns else [""] * len(raw)
         initial = {u.strip(): (d.strip(), n) for u, d, n in zip(raw["image_uuid"], raw["decision"], notes, strict=True)}
