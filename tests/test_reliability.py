@@ -62,3 +62,68 @@ def test_a_planted_hf_token_never_reaches_mlflow_or_outputs(tiny_manifest, tmp_p
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()
     leaked = [p for p in Path(tmp_path).rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
     assert not leaked and token not in r.stdout + r.stderr
+
+
+def _dirty_manifest(root: Path) -> tuple[Path, set[str]]:
+    """Four classes of real PNGs plus three undecodable files in train: zero bytes, text named .jpg, a
+    truncated JPEG; and grayscale / palette / RGBA / 16-bit / CMYK images that must be converted, not rejected."""
+    from PIL import Image
+
+    from conftest import write_png
+
+    rows = []
+    for c, v in (("dark", 20), ("mid", 110), ("bright", 200)):
+        for i in range(8):
+            u = f"{c}-{i}"
+            write_png(root / "img" / f"{u}.png", v + i)
+            rows.append({"image_uuid": u, "path": f"img/{u}.png", "label": c, "split": "test" if i >= 6 else "train"})
+    modes = {"gray": "L", "pal": "P", "rgba": "RGBA", "i16": "I;16"}
+    for name, mode in modes.items():
+        Image.new(mode, (12, 9), 100).save(root / "img" / f"{name}.png")
+        rows.append({"image_uuid": name, "path": f"img/{name}.png", "label": "mid", "split": "train"})
+    Image.new("CMYK", (12, 9), (0, 0, 0, 50)).save(root / "img" / "cmyk.jpg")
+    rows.append({"image_uuid": "cmyk", "path": "img/cmyk.jpg", "label": "dark", "split": "train"})
+    (root / "img" / "empty.png").write_bytes(b"")
+    (root / "img" / "text.jpg").write_text("this is not a jpeg")
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(root / "img" / "full.jpg", quality=95)
+    (root / "img" / "truncated.jpg").write_bytes((root / "img" / "full.jpg").read_bytes()[:300])
+    for u in ("empty", "text", "truncated"):
+        rows.append({"image_uuid": u, "path": f"img/{u}.{'png' if u == 'empty' else 'jpg'}", "label": "bright",
+                     "split": "train"})
+    path = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path, {"empty", "text", "truncated"}
+
+
+def test_unreadable_images_stop_before_training_with_the_list(capsys, tmp_path):
+    from cleanloop import cli
+
+    manifest, bad = _dirty_manifest(tmp_path)
+    before = manifest.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "data=manifest", f"data.manifest={manifest}", "data.num_workers=0",
+                  "model.image_size=16", "model.config.image_size=16", f"paths.root_dir={tmp_path}"])
+    out = capsys.readouterr()
+    lines = [line for line in out.err.splitlines() if line.strip()]
+    assert e.value.code == 1 and len(lines) == 1
+    assert "3 image(s) cannot be decoded" in lines[0] and "data.on_bad_image=skip" in lines[0]
+    for name in ("empty.png", "text.jpg", "truncated.jpg"):
+        assert name in lines[0]
+    for fine in ("gray.png", "pal.png", "rgba.png", "i16.png", "cmyk.jpg"):
+        assert fine not in lines[0]  # converted, not rejected
+    assert "epoch 1/" not in out.out and manifest.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_skip_policy_runs_the_cycle_and_lists_exactly_the_bad_images(tmp_path):
+    manifest, bad = _dirty_manifest(tmp_path)
+    r = run_cli("cycle", "data=manifest", f"data.manifest={manifest}", "data.on_bad_image=skip",
+                "data.num_workers=0", "model.image_size=16", "model.config.image_size=16", "recipe.epochs=1",
+                "oof.n_folds=2", "compare.n_bootstrap=50", "review.screenshot=false", f"paths.root_dir={tmp_path}",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "outputs" / "manifest"
+    skipped = pd.read_csv(out / "skipped_images.csv", dtype=str)
+    assert set(skipped["image_uuid"]) == bad
+    oof = pd.read_parquet(out / "oof" / "oof_probs.parquet")
+    assert not set(oof["image_uuid"]) & bad and len(oof) == 18 + 5

@@ -33,6 +33,27 @@ def load_image(path: str) -> Image.Image:
         raise CleanloopError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
+def image_problem(path: str) -> str | None:
+    """Why PIL cannot fully decode ``path`` (zero bytes, not an image, truncated, too many pixels), or None."""
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+                return f"decompression bomb: {img.width}x{img.height} pixels exceeds PIL's limit"
+            img.load()
+    except Exception as e:  # PIL raises many types; each becomes one reason
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+    return None
+
+
+def unreadable_images(paths: Sequence[str], *, workers: int = 4) -> list[tuple[int, str]]:
+    """(index, reason) of every image in ``paths`` that cannot be decoded; threads, as PIL releases the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        reasons = list(pool.map(image_problem, paths, chunksize=64))
+    return [(i, r) for i, r in enumerate(reasons) if r is not None]
+
+
 def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
     """Pad the short side symmetrically so nothing is cropped away."""
     w, h = img.size

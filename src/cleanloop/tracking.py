@@ -131,6 +131,9 @@ def step_run(cfg: DictConfig, step: str, *, run_name: str | None = None, tags: d
         if log_params:
             mlflow.log_params(_flat_params(cfg))
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        skipped = Path(cfg.paths.out_dir) / "skipped_images.csv"  # data.on_bad_image=skip: never silent
+        if skipped.is_file():
+            mlflow.log_artifact(str(skipped))
         yield run
 
 

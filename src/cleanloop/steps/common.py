@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 from omegaconf import DictConfig
 
 from cleanloop.cache import StepCache, publish
+from cleanloop.config import file_hash, short_hash
+from cleanloop.data import unreadable_images
 from cleanloop.demo import ensure_demo
 from cleanloop.errors import CleanloopError
+from cleanloop.io import write_csv
 from cleanloop.manifest import Manifest, load_manifest
 
 log = logging.getLogger(__name__)
@@ -34,8 +40,49 @@ def load_input(cfg: DictConfig, path: str | Path | None = None, *, min_train_per
     source = input_manifest_path(cfg)
     image_root = cfg.data.get("image_root") or source.parent
     classes = list(cfg.data.classes) if cfg.data.get("classes") else None
-    return load_manifest(Path(path) if path is not None else source, image_root=image_root, classes=classes,
-                         min_train_per_class=min_train_per_class, min_train_hint=min_train_hint)
+    m = load_manifest(Path(path) if path is not None else source, image_root=image_root, classes=classes,
+                      min_train_per_class=min_train_per_class, min_train_hint=min_train_hint)
+    source_m = m if path is None else load_manifest(source, image_root=image_root, classes=classes)
+    return _apply_bad_image_policy(cfg, m, _bad_images(cfg, source_m))
+
+
+def _bad_images(cfg: DictConfig, source: Manifest) -> pd.DataFrame:
+    """The input manifest's undecodable images, scanned once per manifest content and image files
+    (their sizes and modification times: a repaired image is scanned again)."""
+    stats = [(st.st_size, st.st_mtime_ns) for st in map(os.stat, source.df["abs_path"])]
+    key = short_hash({"data": file_hash(source.source), "paths": short_hash(source.df["abs_path"].tolist()),
+                      "stats": short_hash(stats)})
+    with step_cache(cfg).claim("images", key) as entry:
+        path = entry.dir / "bad_images.csv"
+        if not entry.done:
+            t0 = time.time()
+            found = unreadable_images(source.df["abs_path"].tolist(), workers=int(cfg.data.get("scan_workers", 4)))
+            rows = source.df.iloc[[i for i, _ in found]]
+            bad = pd.DataFrame({"image_uuid": rows["image_uuid"].to_numpy(), "path": rows["abs_path"].to_numpy(),
+                                "split": rows["split"].to_numpy(), "reason": [r for _, r in found]})
+            write_csv(path, bad)
+            entry.commit(n_bad=len(bad), n_images=len(source.df))
+            log.info("images: decoded all %d images in %.1fs, %d unreadable", len(source.df), time.time() - t0, len(bad))
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def _apply_bad_image_policy(cfg: DictConfig, m: Manifest, bad: pd.DataFrame) -> Manifest:
+    """data.on_bad_image: ``fail`` (default) stops before any training with the list; ``skip`` drops
+    the rows and writes ``skipped_images.csv`` to paths.out_dir. Never silent."""
+    bad = bad[bad["image_uuid"].isin(set(m.df["image_uuid"]))]
+    if bad.empty:
+        return m
+    policy = cfg.data.get("on_bad_image", "fail")
+    if policy not in ("fail", "skip"):
+        raise CleanloopError(f"data.on_bad_image={policy!r}: choose fail or skip")
+    if policy == "fail":
+        listed = ", ".join(f"{p} ({r})" for p, r in zip(bad["path"][:10], bad["reason"][:10], strict=True))
+        raise CleanloopError(f"{m.source}: {len(bad)} image(s) cannot be decoded, first: {listed}; fix or remove "
+                             "them, or set data.on_bad_image=skip to train without them")
+    write_csv(out_path(cfg, "skipped_images.csv"), bad)
+    log.warning("data.on_bad_image=skip: %d unreadable image(s) left out, listed in %s", len(bad),
+                out_path(cfg, "skipped_images.csv"))
+    return replace(m, df=m.df[~m.df["image_uuid"].isin(set(bad["image_uuid"]))].reset_index(drop=True))
 
 
 def read_csv_strings(path: Path, what: str, hint: str) -> pd.DataFrame:
