@@ -37,7 +37,7 @@ test-fast: $(STAMP) ## the tests not marked slow
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check src tests
 
-cycle: $(STAMP) ## demo-data -> oof -> flag -> prune -> train baseline/cleaned -> compare
+cycle: $(STAMP) ## demo-data -> oof -> flag -> review -> prune -> train baseline/cleaned -> compare
 	$(BIN)/cleanloop cycle $(ARGS)
 
 demo-data: $(STAMP) ## (re)build the demo dataset in data/demo/

@@ -117,3 +117,30 @@ def test_input_file_is_not_modified(tmp_path, tiny_manifest):
     assert m.classes == ["bright", "dark", "mid"]
     assert tiny_manifest.read_bytes() == before
     assert m.df["abs_path"].str.startswith(str(tiny_manifest.parent)).all()
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["u1", "u2", "u3", "u4", "u5", "u6"]),
+                          st.sampled_from(["a", "b", "c"]),
+                          st.sampled_from(["train", "val", "test", "dev", ""])), min_size=1, max_size=12))
+def test_validator_accepts_exactly_the_valid_manifests(rows):
+    df = pd.DataFrame(rows, columns=["image_uuid", "label", "split"])
+    df.insert(1, "path", [f"{u}.png" for u in df["image_uuid"]])
+    train_labels = set(df.loc[df["split"] == "train", "label"])
+    valid = (
+        not df["image_uuid"].duplicated().any()
+        and df["split"].isin(["train", "val", "test"]).all()
+        and (df["split"] == "train").any()
+        and set(df.loc[df["split"].isin(["val", "test"]), "label"]) <= train_labels
+    )
+    try:
+        validate(df, source="m.csv")
+        accepted = True
+    except CleanloopError as e:
+        accepted = False
+        assert "\n" not in str(e) and str(e).startswith("m.csv: ")
+    assert accepted == valid

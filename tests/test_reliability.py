@@ -127,3 +127,26 @@ def test_skip_policy_runs_the_cycle_and_lists_exactly_the_bad_images(tmp_path):
     assert set(skipped["image_uuid"]) == bad
     oof = pd.read_parquet(out / "oof" / "oof_probs.parquet")
     assert not set(oof["image_uuid"]) & bad and len(oof) == 18 + 5
+
+
+def test_decompression_bomb_is_a_reason_not_a_crash(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from cleanloop.data import image_problem
+
+    Image.new("L", (300, 300)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # PIL's limit, scaled down for a tiny file
+    reason = image_problem(str(tmp_path / "big.png"))
+    assert reason is not None and ("DecompressionBomb" in reason or "decompression bomb" in reason)
+
+
+def test_exif_rotated_photo_is_turned_upright(tmp_path):
+    from PIL import Image
+
+    from cleanloop.data import load_image
+
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    img.save(tmp_path / "rot.jpg", exif=exif.tobytes())
+    assert load_image(str(tmp_path / "rot.jpg")).size == (20, 40)
