@@ -6,7 +6,6 @@ wraps the train / val / test / predict splits for Lightning.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import lightning as L
@@ -210,6 +209,3 @@ class ManifestDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> list[DataLoader]:
         return [self._loader(df, shuffle=False) for df in self.predict_frames.values()]
-
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.frames["train"]) / self.batch_size)
