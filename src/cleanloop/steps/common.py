@@ -46,12 +46,18 @@ def load_input(cfg: DictConfig, path: str | Path | None = None, *, min_train_per
     return _apply_bad_image_policy(cfg, m, _bad_images(cfg, source_m))
 
 
+_SCANNED: dict[tuple[str, str, str], pd.DataFrame] = {}  # per process: steps load the manifest several times
+
+
 def _bad_images(cfg: DictConfig, source: Manifest) -> pd.DataFrame:
     """The input manifest's undecodable images, scanned once per manifest content and image files
     (their sizes and modification times: a repaired image is scanned again)."""
+    paths_hash = short_hash(source.df["abs_path"].tolist())
+    memo = (str(Path(cfg.paths.cache_dir).resolve()), file_hash(source.source), paths_hash)
+    if memo in _SCANNED:
+        return _SCANNED[memo]
     stats = [(st.st_size, st.st_mtime_ns) for st in map(os.stat, source.df["abs_path"])]
-    key = short_hash({"data": file_hash(source.source), "paths": short_hash(source.df["abs_path"].tolist()),
-                      "stats": short_hash(stats)})
+    key = short_hash({"data": memo[1], "paths": paths_hash, "stats": short_hash(stats)})
     with step_cache(cfg).claim("images", key) as entry:
         path = entry.dir / "bad_images.csv"
         if not entry.done:
@@ -63,7 +69,8 @@ def _bad_images(cfg: DictConfig, source: Manifest) -> pd.DataFrame:
             write_csv(path, bad)
             entry.commit(n_bad=len(bad), n_images=len(source.df))
             log.info("images: decoded all %d images in %.1fs, %d unreadable", len(source.df), time.time() - t0, len(bad))
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
+        _SCANNED[memo] = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return _SCANNED[memo]
 
 
 def _apply_bad_image_policy(cfg: DictConfig, m: Manifest, bad: pd.DataFrame) -> Manifest:
