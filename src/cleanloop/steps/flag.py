@@ -47,17 +47,14 @@ def _embeddings(oof_path: Path, file_rows: np.ndarray) -> np.ndarray | None:
     return emb[file_rows]
 
 
-def _baseline_test_metrics(cfg: DictConfig, data_hash: str) -> pd.DataFrame | None:
+def _baseline_test_metrics(data_hash: str) -> pd.Series | None:
     """Per-class test recall / F1 of the latest baseline run on this manifest (the team's table)."""
     runs = mlflow.search_runs(
         filter_string=f"tags.`cleanloop.role` = 'baseline' and tags.`cleanloop.data` = '{data_hash}' "
                       "and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=1,
     )
-    if runs.empty:
-        return None
-    row = runs.iloc[0]
-    return row
+    return None if runs.empty else runs.iloc[0]
 
 
 def _ground_truth(manifest_path: Path, train: pd.DataFrame) -> pd.DataFrame | None:
@@ -141,7 +138,7 @@ def _flag(cfg: DictConfig, m, oof_path: Path, out_dir: Path, key: str) -> dict:
                              given_labels=train["label"], outlier_score=scores, is_outlier=is_outlier)
         table, per_class, confusions = tables.issues, tables.per_class, tables.confusions
         is_issue = table["is_label_issue"].to_numpy()
-        baseline = _baseline_test_metrics(cfg, data_hash)
+        baseline = _baseline_test_metrics(data_hash)
         if baseline is not None:
             per_class["test_recall"] = [baseline.get(f"metrics.test/recall/{metric_key(c)}") for c in per_class["class"]]
             per_class["test_f1"] = [baseline.get(f"metrics.test/f1/{metric_key(c)}") for c in per_class["class"]]
