@@ -37,13 +37,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*litlogger.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
+    # transformers reads these when it loads (set here rather than by importing it: a second saved)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 # Hydra's own flags that take a value (argparse needs flags before the positional overrides).
@@ -74,10 +70,11 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
 def run_step(step: str, cfg):
     """Run one step on a composed config; user-facing errors become one line and exit 1."""
     from cleanloop.errors import CleanloopError
+    from cleanloop.steps.common import preflight
 
-    module = importlib.import_module(STEPS[step])
     try:
-        return module.run(cfg)
+        preflight(step, cfg)
+        return importlib.import_module(STEPS[step]).run(cfg)
     except CleanloopError as e:
         logging.getLogger("cleanloop").debug("error", exc_info=True)
         print(f"cleanloop {step}: error: {e}", file=sys.stderr, flush=True)

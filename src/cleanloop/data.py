@@ -13,55 +13,10 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from cleanloop.errors import CleanloopError
-
-
-def load_image(path: str) -> Image.Image:
-    """Decode to upright RGB: EXIF orientation applied; grayscale, palette, RGBA, CMYK converted."""
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode == "I;16" or img.mode == "I":  # 16-bit grayscale: scale to 8 bits
-                arr = np.asarray(img, dtype=np.float32)
-                img = Image.fromarray((arr / max(float(arr.max()), 1.0) * 255.0).astype(np.uint8))
-            return img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise CleanloopError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
-
-
-def image_problem(path: str) -> str | None:
-    """Why PIL cannot fully decode ``path`` (zero bytes, not an image, truncated, too many pixels), or None."""
-    try:
-        with Image.open(path) as img:
-            if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
-                return f"decompression bomb: {img.width}x{img.height} pixels exceeds PIL's limit"
-            img.load()
-    except Exception as e:  # PIL raises many types; each becomes one reason
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
-    return None
-
-
-def unreadable_images(paths: Sequence[str], *, workers: int = 4) -> list[tuple[int, str]]:
-    """(index, reason) of every image in ``paths`` that cannot be decoded; threads, as PIL releases the GIL."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reasons = list(pool.map(image_problem, paths, chunksize=64))
-    return [(i, r) for i, r in enumerate(reasons) if r is not None]
-
-
-def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
-    """Pad the short side symmetrically so nothing is cropped away."""
-    w, h = img.size
-    if w == h:
-        return img
-    side = max(w, h)
-    canvas = Image.new("RGB", (side, side), fill)
-    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-    return canvas
+from cleanloop.images import image_problem, load_image, pad_to_square, unreadable_images  # noqa: F401  (re-exported)
 
 
 class ImageTransform:

@@ -14,7 +14,6 @@ import logging
 import os
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import yaml
 from hydra.experimental.callback import Callback
@@ -23,9 +22,11 @@ from omegaconf import DictConfig, open_dict
 from cleanloop.config import register_resolvers
 from cleanloop.errors import CleanloopError
 from cleanloop.io import write_csv
-from cleanloop.tracking import SWEEP_PARENT_ENV, metric_key, setup
 
 log = logging.getLogger(__name__)
+
+# mlflow and cleanloop.tracking are imported where used: Hydra builds this callback for every
+# command, and a bad manifest should fail in about a second, not after the tracking stack loads.
 
 SEED_KEY = "recipe.seed"
 
@@ -102,6 +103,10 @@ class SweepCallback(Callback):
     """Hydra callback: parent MLflow run per multirun, sweep_summary.csv when it ends."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        import mlflow
+
+        from cleanloop.tracking import SWEEP_PARENT_ENV, setup
+
         register_resolvers()
         exp_id = setup(config.tracking)  # also creates the store once, before parallel jobs race to
         step = config.get("step") or "sweep"
@@ -111,6 +116,10 @@ class SweepCallback(Callback):
         log.info("sweep: MLflow parent run %s", run.info.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        import mlflow
+
+        from cleanloop.tracking import SWEEP_PARENT_ENV, metric_key
+
         run_id = os.environ.pop(SWEEP_PARENT_ENV, None)
         if run_id is None:
             return

@@ -14,9 +14,9 @@ from omegaconf import DictConfig
 
 from cleanloop.cache import StepCache, publish
 from cleanloop.config import file_hash, short_hash
-from cleanloop.data import unreadable_images
 from cleanloop.demo import ensure_demo
 from cleanloop.errors import CleanloopError
+from cleanloop.images import unreadable_images
 from cleanloop.io import write_csv
 from cleanloop.manifest import Manifest, load_manifest
 
@@ -129,3 +129,17 @@ def cached(cfg: DictConfig, step: str, key: str, build: Callable[[Path], dict], 
             reused = False
         publish(entry.dir, publish_to, names)
     return {**info, "key": key, "reused": reused, "dir": str(entry.dir)}
+
+
+# Steps that read the input manifest, and whether they need oof.n_folds train rows per class.
+_READS_MANIFEST = {"oof": True, "cycle": True, "flag": False, "prune": False, "review": False, "train": False}
+
+
+def preflight(step: str, cfg: DictConfig) -> None:
+    """Check the input manifest and its images before the step's module (torch, Lightning, MLflow:
+    ten seconds and more of imports) loads, so bad input fails in about a second. The step checks
+    again with everything loaded; the image scan is cached, so the second check costs little."""
+    if step not in _READS_MANIFEST:
+        return
+    folds = _READS_MANIFEST[step] and cfg.get("oof") is not None and cfg.oof.get("method") != "insample"
+    load_input(cfg, min_train_per_class=int(cfg.oof.n_folds) if folds else None)
