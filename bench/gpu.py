@@ -76,8 +76,9 @@ def _time_steps(step, *, warmup: int, steps: int, device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def _step(model, kind: str, x, y, *, cuda: bool):
-    """One forward (inference mode) or one train step (AdamW, fused on CUDA), in bf16 autocast on CUDA."""
+def _step(model, kind: str, x, y, *, cuda: bool, fused: bool | None = None):
+    """One forward (inference mode) or one train step (AdamW, fused on CUDA unless ``fused=False``), in
+    bf16 autocast on CUDA."""
     import torch
 
     autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda)
@@ -90,7 +91,7 @@ def _step(model, kind: str, x, y, *, cuda: bool):
         return forward
 
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda if fused is None else fused)
 
     def train_step():
         with autocast:
@@ -102,17 +103,17 @@ def _step(model, kind: str, x, y, *, cuda: bool):
 
 
 def sweep(model, *, kind: str, batch_sizes: list[int], size: int, warmup: int, steps: int, device,
-          flops: float, peak: float) -> list[dict]:
+          flops: float, peak: float, label: str | None = None, fused: bool | None = None) -> list[dict]:
     """images/s of forward (``kind="forward"``) or train steps over batch sizes; OOM rows say so."""
     import torch
 
     cuda = device.type == "cuda"
     rows = []
     for bs in batch_sizes:
-        row = {"part": kind, "batch": bs}
+        row = {"part": label or kind, "batch": bs}
         x = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, device=device)
         y = torch.randint(0, N_CLASSES, (bs,), device=device)
-        step = _step(model, kind, x, y, cuda=cuda)
+        step = _step(model, kind, x, y, cuda=cuda, fused=fused)
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -127,6 +128,7 @@ def sweep(model, *, kind: str, batch_sizes: list[int], size: int, warmup: int, s
             row.update(images_per_s=ips, ms_per_step=1e3 * sec, tflops=achieved / 1e12, mfu=achieved / peak)
             if cuda:
                 row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            print(json.dumps(row), flush=True)  # as it goes: a run cut short still shows what it measured
         finally:
             step = x = y = None  # free before the next size (the optimizer state lives in step)
         rows.append(row)
@@ -151,7 +153,7 @@ def write_jpegs(folder: Path, n: int, *, size: int, seed: int = 0) -> list[str]:
     return paths
 
 
-def compose_cfg(root: Path, *, smoke: bool, size: int, batch: int, num_workers: int | None):
+def compose_cfg(root: Path, *, smoke: bool, size: int, batch: int, num_workers: int | None, cache: bool = False):
     """The project's own config tree, composed as the steps compose it, for the predict path."""
     from hydra import compose, initialize_config_dir
 
@@ -161,7 +163,7 @@ def compose_cfg(root: Path, *, smoke: bool, size: int, batch: int, num_workers: 
     overrides = [f"paths.root_dir={root}", "data=manifest", f"data.manifest={root}/manifest.csv",
                  f"trainer={'cpu' if smoke else 'gpu'}", f"model.image_size={size}",
                  f"recipe.batch_size={batch}", "trainer.enable_progress_bar=false",
-                 "trainer.enable_model_summary=false"]
+                 "trainer.enable_model_summary=false", f"data.cache={str(cache).lower()}", "data.cache_format=raw"]
     if num_workers is not None:
         overrides.append(f"data.num_workers={num_workers}")
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -183,41 +185,58 @@ def predict_path(model, classes, *, size: int, batch: int, steps: int, n_files: 
         frame = pd.DataFrame({"image_uuid": [f"{i:08d}" for i in range(n)],
                               "abs_path": [files[i % len(files)] for i in range(n)],
                               "label": [classes[i % len(classes)] for i in range(n)]})
-        cfg = compose_cfg(root, smoke=smoke, size=size, batch=batch, num_workers=num_workers)
-        workers = int(cfg.data.num_workers)
+        rows = []
+        for cache in (False, True):
+            cfg = compose_cfg(root, smoke=smoke, size=size, batch=batch, num_workers=num_workers, cache=cache)
+            workers, tag = int(cfg.data.num_workers), ", image cache" if cache else ""
+            t0 = time.perf_counter()
+            dm = make_datamodule(cfg, classes, None, predict={"bench": frame})
+            loader = dm.predict_dataloader()[0]  # with the cache this builds it (n_files distinct images)
+            if cache:
+                rows.append({"part": f"image cache build ({n_files} files)", "batch": batch,
+                             "images_per_s": n_files / (time.perf_counter() - t0)})
+            t0 = time.perf_counter()
+            seen = sum(len(b["label"]) for b in loader)
+            loader_s = time.perf_counter() - t0
+            del loader, dm  # ends its workers
 
-        loader = make_datamodule(cfg, classes, None, predict={"bench": frame}).predict_dataloader()[0]
-        t0 = time.perf_counter()
-        seen = sum(len(b["label"]) for b in loader)
-        loader_s = time.perf_counter() - t0
-        del loader  # ends its workers
+            model.eval()
+            t0 = time.perf_counter()
+            out = predict(cfg, model, {"bench": frame})["bench"]
+            predict_s = time.perf_counter() - t0
+            assert len(out.uuids) == n and out.probs.shape == (n, len(classes))
+            rows += [{"part": f"loader ({workers} workers{tag})", "batch": batch, "images_per_s": seen / loader_s,
+                      "ms_per_step": 1e3 * loader_s / steps},
+                     {"part": f"predict (training.predict{tag})", "batch": batch, "images_per_s": n / predict_s,
+                      "ms_per_step": 1e3 * predict_s / steps}]
+    return rows
 
-        model.eval()
-        t0 = time.perf_counter()
-        out = predict(cfg, model, {"bench": frame})["bench"]
-        predict_s = time.perf_counter() - t0
-        assert len(out.uuids) == n and out.probs.shape == (n, len(classes))
-    return [{"part": f"loader ({workers} workers)", "batch": batch, "images_per_s": seen / loader_s,
-             "ms_per_step": 1e3 * loader_s / steps},
-            {"part": "predict (training.predict)", "batch": batch, "images_per_s": n / predict_s,
-             "ms_per_step": 1e3 * predict_s / steps}]
+
+def _ips(rows: list[dict], batch: int, match) -> float | None:
+    return next((r["images_per_s"] for r in rows
+                 if match(r["part"]) and r["batch"] == batch and "images_per_s" in r), None)
+
+
+def _bound(model: float | None, loader: float | None, pred: float | None, what: str) -> str:
+    if None in (model, loader, pred):
+        return f"{what}: no verdict, a measurement is missing"
+    figures = f"predict {pred:.0f} img/s, loader {loader:.0f} img/s, model {model:.0f} img/s"
+    if pred < 0.8 * model and loader < 1.25 * pred:
+        return f"{what}: loader-bound ({figures})"
+    if pred >= 0.8 * model:
+        return f"{what}: model-bound ({figures})"
+    return f"{what}: neither, overheads ({figures})"
 
 
 def verdict(rows: list[dict], batch: int) -> str:
-    def ips(part_prefix: str) -> float | None:
-        for r in rows:
-            if r["part"].startswith(part_prefix) and r["batch"] == batch and "images_per_s" in r:
-                return r["images_per_s"]
-        return None
-
-    model, loader, pred = ips("forward"), ips("loader"), ips("predict")
-    if None in (model, loader, pred):
-        return "no verdict: a measurement is missing"
-    if pred < 0.8 * model and loader < 1.25 * pred:
-        return f"loader-bound: predict {pred:.0f} img/s ~ loader {loader:.0f} img/s < model {model:.0f} img/s"
-    if pred >= 0.8 * model:
-        return f"model-bound: predict {pred:.0f} img/s ~ model {model:.0f} img/s (loader {loader:.0f} img/s)"
-    return f"neither: predict {pred:.0f} img/s, loader {loader:.0f} img/s, model {model:.0f} img/s (overheads)"
+    """Loader-bound or model-bound, decoding JPEGs and with the image cache."""
+    model = _ips(rows, batch, lambda p: p == "forward")
+    out = []
+    for tag, what in (("", "decoding JPEGs"), (", image cache", "with the image cache")):
+        loader = _ips(rows, batch, lambda p, t=tag: p.startswith("loader (") and p.endswith(f"workers{t})"))
+        pred = _ips(rows, batch, lambda p, t=tag: p == f"predict (training.predict{t})")
+        out.append(_bound(model, loader, pred, what))
+    return "; ".join(out)
 
 
 def table(rows: list[dict]) -> str:
@@ -243,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--predict-steps", type=int, default=200)
     p.add_argument("--num-workers", type=int, default=None, help="default: the config's data.num_workers")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak of the GPU (H100 SXM: 989)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile forward (compiling takes a minute)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     a = p.parse_args(argv)
 
@@ -275,11 +295,24 @@ def main(argv: list[str] | None = None) -> dict:
                  device=device, flops=flops, peak=peak)
     rows += sweep(model, kind="train", batch_sizes=trn, size=config["image_size"], warmup=warmup, steps=steps,
                   device=device, flops=flops, peak=peak)
+    fit = [r["batch"] for r in rows if r["part"] == "train" and "images_per_s" in r]
+    if device.type == "cuda" and fit:  # what the fused AdamW (cleanloop's default on CUDA) is worth
+        rows += sweep(model, kind="train", batch_sizes=[max(fit)], size=config["image_size"], warmup=warmup,
+                      steps=steps, device=device, flops=flops, peak=peak, label="train (AdamW not fused)", fused=False)
     model = model.cpu() if device.type == "cuda" else model  # predict's Trainer moves it back itself
     if device.type == "cuda":
         torch.cuda.empty_cache()
     rows += predict_path(model, classes, size=config["image_size"], batch=pbatch, steps=psteps, n_files=n_files,
                          smoke=a.smoke, num_workers=workers)
+    for r in rows[-5:]:
+        print(json.dumps(r), flush=True)
+    if device.type == "cuda" and not a.no_compile:  # model.compile=true: worth it? (compile time included apart)
+        model = model.to(device)
+        model.backbone.compile()
+        t0 = time.perf_counter()
+        rows += sweep(model, kind="forward", batch_sizes=[pbatch], size=config["image_size"], warmup=warmup,
+                      steps=steps, device=device, flops=flops, peak=peak, label="forward (torch.compile)")
+        rows[-1]["note"] = f"compile + warm-up + timed steps {time.perf_counter() - t0:.0f} s"
     rows.append({"part": "verdict", "batch": pbatch, "note": verdict(rows, pbatch)})
     result = {"device": name, "config": config, "gflops_per_image": flops / 1e9, "peak_tflops": a.peak_tflops,
               "wall_s": time.perf_counter() - t_start, "rows": rows}

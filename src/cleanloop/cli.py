@@ -9,6 +9,7 @@ import sys
 
 STEPS = {
     "demo-data": "cleanloop.steps.demo_data",
+    "cache": "cleanloop.steps.cache",
     "oof": "cleanloop.steps.oof",
     "flag": "cleanloop.steps.flag",
     "prune": "cleanloop.steps.prune",
@@ -25,6 +26,7 @@ examples:
   cleanloop train model=tiny trainer=cpu
   cleanloop train data=manifest data.manifest=/data/train.csv model=medsiglip trainer=gpu
   cleanloop flag -m flag.filter_by=prune_by_noise_rate,both
+  cleanloop cache data=manifest data.manifest=/data/train.csv model=medsiglip   # then data.cache=true
   cleanloop train --cfg job          # print the composed config
 """
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from cleanloop.imagecache import CacheReader, DiskImageCache, square_pixels
 from cleanloop.images import image_problem, load_image, pad_to_square, unreadable_images  # noqa: F401  (re-exported)
 
 
@@ -31,8 +32,12 @@ class ImageTransform:
         self.size = size
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = pad_to_square(img).resize((self.size, self.size), Image.Resampling.BICUBIC)
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return to_chw(square_pixels(img, self.size).copy())
+
+
+def to_chw(pixels: np.ndarray) -> torch.Tensor:
+    """(S, S, 3) uint8 array -> (3, S, S) uint8 tensor (a view)."""
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def augment_batch(
@@ -93,29 +98,37 @@ def set_memory_cache(budget_mb: float) -> MemoryCache:
 
 
 class ImageDataset(Dataset):
-    """Rows of a manifest: ``abs_path``, ``image_uuid`` and a class index (-1 when unlabelled)."""
+    """Rows of a manifest: ``abs_path``, ``image_uuid`` and a class index (-1 when unlabelled).
+
+    With ``cached`` (the on-disk image cache's reader for these paths) images are read from the
+    cache; otherwise each is decoded and resized here (kept in the memory cache if it has room).
+    """
 
     def __init__(self, paths: Sequence[str], uuids: Sequence[str], labels: Sequence[int],
-                 transform: ImageTransform):
+                 transform: ImageTransform, cached: CacheReader | None = None):
         self.paths, self.uuids = list(paths), list(uuids)
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.transform = transform
+        self.transform, self.cached = transform, cached
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
+        pixels = to_chw(self.cached[i]) if self.cached is not None else _MEMORY_CACHE.get(self.paths[i], self.transform)
         return {
-            "pixel_values": _MEMORY_CACHE.get(self.paths[i], self.transform),
+            "pixel_values": pixels,
             "label": int(self.labels[i]),
             "image_uuid": self.uuids[i],
         }
 
 
-def make_dataset(df: pd.DataFrame, classes: Sequence[str], transform) -> ImageDataset:
+def make_dataset(df: pd.DataFrame, classes: Sequence[str], transform,
+                 image_cache: DiskImageCache | None = None) -> ImageDataset:
     index = {c: i for i, c in enumerate(classes)}
     labels = df["label"].map(index).fillna(-1).astype(int).to_numpy()
-    return ImageDataset(df["abs_path"].tolist(), df["image_uuid"].tolist(), labels, transform)
+    paths = df["abs_path"].tolist()
+    cached = image_cache.ensure(paths) if image_cache is not None else None
+    return ImageDataset(paths, df["image_uuid"].tolist(), labels, transform, cached)
 
 
 class ManifestDataModule(L.LightningDataModule):
@@ -136,6 +149,7 @@ class ManifestDataModule(L.LightningDataModule):
         predict: dict[str, pd.DataFrame] | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        image_cache: DiskImageCache | None = None,
     ):
         super().__init__()
         self.classes = list(classes)
@@ -143,10 +157,13 @@ class ManifestDataModule(L.LightningDataModule):
         self.predict_frames = dict(predict or {})
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.transform = ImageTransform(image_size)
+        if image_cache is not None and image_cache.size != image_size:
+            raise ValueError(f"image cache size {image_cache.size} != image_size {image_size}")
+        self.image_cache = image_cache
 
     def _loader(self, df: pd.DataFrame, *, shuffle: bool) -> DataLoader:
         return DataLoader(
-            make_dataset(df, self.classes, self.transform),
+            make_dataset(df, self.classes, self.transform, self.image_cache),
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,

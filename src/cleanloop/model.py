@@ -74,6 +74,18 @@ def backbone_from_config(model_cfg, *, cache_dir: str | Path, seed: int) -> nn.M
     return load_backbone(name_or_path, attn_implementation=model_cfg.get("attn_implementation"))
 
 
+def _takes_fused(factory: Callable) -> bool:
+    """Whether the optimizer accepts ``fused=`` and the recipe left it unset."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    given = getattr(factory, "keywords", {}) or {}
+    return "fused" in params and "fused" not in given
+
+
 class Classifier(L.LightningModule):
     """Vision backbone -> pooled embedding -> linear head over K classes.
 
@@ -161,7 +173,10 @@ class Classifier(L.LightningModule):
             {"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": self.lr},
             {"params": list(self.head.parameters()), "lr": self.head_lr or self.lr},
         ]
-        optimizer = self.optimizer_factory(groups, lr=self.lr)
+        kwargs = {"lr": self.lr}
+        if self.device.type == "cuda" and _takes_fused(self.optimizer_factory):
+            kwargs["fused"] = True  # one kernel per step for all parameters (AdamW, Adam, SGD on CUDA)
+        optimizer = self.optimizer_factory(groups, **kwargs)
         if self.scheduler_factory is None:
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)

@@ -16,7 +16,6 @@ from typing import NamedTuple
 
 import hydra
 import lightning as L
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -25,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cleanloop.config import short_hash
 from cleanloop.data import ManifestDataModule, set_memory_cache
+from cleanloop.imagecache import cache_from_config
 from cleanloop.model import Classifier, backbone_from_config
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class EpochLog(L.Callback):
         epoch = trainer.current_epoch
         log.info("%sepoch %d/%d %s", self.prefix, epoch + 1, trainer.max_epochs,
                  " ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
+        import mlflow  # here, not at the top: bench/gpu.py runs the predict path without MLflow
+
         if mlflow.active_run() is not None:
             mlflow.log_metrics(values, step=epoch)
 
@@ -61,7 +63,7 @@ def recipe_hash(cfg: DictConfig, *, with_seed: bool = False) -> str:
 
 def build_module(cfg: DictConfig, classes: Sequence[str]) -> Classifier:
     recipe = cfg.recipe
-    return Classifier(
+    module = Classifier(
         backbone_from_config(cfg.model, cache_dir=cfg.paths.cache_dir, seed=recipe.seed),
         classes,
         head=recipe.head,
@@ -74,11 +76,15 @@ def build_module(cfg: DictConfig, classes: Sequence[str]) -> Classifier:
         warmup_fraction=recipe.get("warmup_fraction", 0.0),
         augment=OmegaConf.to_container(recipe.augment, resolve=True) if recipe.get("augment") else None,
     )
+    if cfg.model.get("compile"):
+        module.backbone.compile()  # in place: parameter names and save_pretrained stay as they were
+    return module
 
 
 def make_datamodule(cfg: DictConfig, classes: Sequence[str], train: pd.DataFrame | None, *,
                     val: pd.DataFrame | None = None, predict: dict | None = None) -> ManifestDataModule:
-    set_memory_cache(cfg.data.get("memory_cache_mb", 0))
+    disk = cache_from_config(cfg) if cfg.data.get("cache", False) else None
+    set_memory_cache(0 if disk is not None else cfg.data.get("memory_cache_mb", 0))
     return ManifestDataModule(
         train,
         classes,
@@ -88,6 +94,7 @@ def make_datamodule(cfg: DictConfig, classes: Sequence[str], train: pd.DataFrame
         predict=predict,
         num_workers=cfg.data.num_workers,
         pin_memory=bool(cfg.data.pin_memory) and torch.cuda.is_available(),
+        image_cache=disk,
     )
 
 

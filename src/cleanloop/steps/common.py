@@ -132,7 +132,7 @@ def cached(cfg: DictConfig, step: str, key: str, build: Callable[[Path], dict], 
 
 
 # Steps that read the input manifest, and whether they need oof.n_folds train rows per class.
-_READS_MANIFEST = {"oof": True, "cycle": True, "flag": False, "prune": False, "review": False, "train": False}
+_READS_MANIFEST = {"cache": False, "oof": True, "cycle": True, "flag": False, "prune": False, "review": False, "train": False}
 
 
 def preflight(step: str, cfg: DictConfig) -> None:
