@@ -1,4 +1,4 @@
-"""``make bench``: measure B1 and B2 (the flag step's computation), print them, rewrite bench/RESULTS.md.
+"""``make bench``: measure B1-B5 (B6 on a GPU machine), print them, rewrite bench/RESULTS.md.
 
 B1: 121,514 rows x 25 classes in memory, the size of the team's dataset. B2: ImageNet's
 1,281,167 x 1,000 float32, memory-mapped from a temporary .npy (5 GB on disk, deleted after),
@@ -6,8 +6,13 @@ which ``find_issues`` streams in chunks. Every figure is the min and median over
 repeat a fresh process (bench/flagbench.py says why). Cases are interleaved (flag, bare, flag,
 bare...) so that load from other work on the machine hits them alike.
 
-    python bench/run.py                 # B1 and B2 (5-10 minutes on 2 cores, 5 GB of disk)
-    python bench/run.py --skip-b2       # B1 only; keeps the B2 section of the last full run
+B3 (bench/b3.py): the OOF prediction path against the bare model forward, with and without the
+image cache. B4 (bench/b4.py): oof=embed against oof=kfold on the demo. B5: `cleanloop cycle`
+(what `make cycle` runs) on the demo in a fresh folder. B6 (bench/gpu.py) runs only where CUDA
+is; elsewhere the section shows the last recorded GPU run (bench/results/b6-*.json).
+
+    python bench/run.py                 # everything (about 20 minutes on 2 cores, 5 GB of disk)
+    python bench/run.py --parts b1,b4   # only these; the other sections are kept from the last run
 """
 
 from __future__ import annotations
@@ -35,9 +40,9 @@ B1_SHAPE = (121_514, 25)
 B2_SHAPE = (1_281_167, 1_000)
 B2_REFERENCE_ROWS = 128_117  # the in-memory path at a tenth of B2's rows, for its bytes per cell
 B2_DISK_BYTES = B2_SHAPE[0] * B2_SHAPE[1] * 4 + 2 * B2_SHAPE[0] * 8
-TARGETS = {"b1_wall_s": 2.0, "b1_peak_mib": 1024, "b1_ratio": 3.0, "b2_wall_s": 300.0, "b2_peak_mib": 16 * 1024}
-
-B2_START = "## B2"  # the section --skip-b2 carries over from the previous RESULTS.md
+TARGETS = {"b1_wall_s": 2.0, "b1_peak_mib": 1024, "b1_ratio": 3.0, "b2_wall_s": 300.0, "b2_peak_mib": 16 * 1024,
+           "b3_ratio": 0.9, "b4_ratio": 0.2}
+PARTS = ("b1", "b2", "b3", "b4", "b5")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,13 +148,49 @@ def gpu_available() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
-def b6() -> dict | None:
-    if gpu_available() is None:
+def b6(m: dict) -> dict | None:
+    """Run bench/gpu.py on this machine's GPU and record it in bench/results/; None without CUDA."""
+    gpu = gpu_available()
+    if gpu is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "b6.json"
         subprocess.run([sys.executable, str(HERE / "gpu.py"), "--json", str(path)], check=True)
-        return json.loads(path.read_text())
+        result = {"date": m["date"], "commit": m["commit"], **json.loads(path.read_text())}
+    (HERE / "results").mkdir(exist_ok=True)
+    slug = "".join(ch if ch.isalnum() else "-" for ch in gpu.lower()).strip("-")
+    (HERE / "results" / f"b6-{slug}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def last_recorded_b6() -> dict | None:
+    """The newest recorded GPU run (bench/results/b6-*.json), for a machine without a GPU."""
+    files = sorted((HERE / "results").glob("b6-*.json"), key=lambda f: f.stat().st_mtime)
+    return json.loads(files[-1].read_text()) if files else None
+
+
+def script_json(script: str, *args: str) -> dict:
+    """Run bench/<script> in a fresh process; its last stdout line is JSON."""
+    proc = subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{script} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def b5(repeats: int) -> dict:
+    """`cleanloop cycle` on the demo in a fresh folder (cold: demo build, MLflow store, every step)."""
+    exe = Path(sys.executable).with_name("cleanloop")
+    walls = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory(prefix="cleanloop-b5-") as tmp:
+            t0 = time.perf_counter()
+            proc = subprocess.run([str(exe), "cycle", f"paths.root_dir={tmp}"], cwd=tmp, capture_output=True, text=True)
+            walls.append(time.perf_counter() - t0)
+            if proc.returncode != 0:
+                raise RuntimeError(f"cleanloop cycle failed:\n{proc.stderr[-3000:]}")
+            summary = json.loads((Path(tmp) / "outputs" / "demo" / "summary.json").read_text())
+        print(f"  cycle {walls[-1]:.1f} s", flush=True)
+    return {"wall_s": (min(walls), statistics.median(walls)), "repeats": repeats, "summary": summary}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,12 +206,13 @@ def ok(value: float, target: float) -> str:
     return "met" if value <= target else "**missed**"
 
 
-def b1_section(r: dict) -> str:
+def b1_section(r: dict, m: dict) -> str:
     flag, bare, flag2, bare2 = r["flag_jobs1"], r["bare_jobs1"], r["flag_jobs2"], r["bare_jobs2"]
     ratio = flag["wall_s"][1] / bare["wall_s"][1]
     lines = [
         f"## B1: flag computation, {flag['n']:,} rows x {flag['k']} classes, in memory",
         "",
+        f"Measured {m['date']} at commit {m['commit']}.",
         "`find_issues` (cleanlab `find_label_issues` + `get_label_quality_scores`, default options) +",
         "`flagcore.flag_tables` (table, per-class issue rates, given->predicted confusions) + the three",
         "CSVs with `io.write_csv`, as `steps/flag.py` runs them; no montage, no outliers. Synthetic float32",
@@ -276,32 +318,136 @@ def b2_section(r: dict, m: dict) -> str:
     return "\n".join(lines)
 
 
-def b6_section(r: dict | None, gpu: str | None) -> str:
+def b3_section(r: dict, m: dict) -> str:
+    bare, dec, cac = r["bare"][1], r["oof_decode"][1], r["oof_cache"][1]
+    ld, lc = r["loader_decode"][1], r["loader_cache"][1]
+    ratio = cac / bare
+    md = r["model"]
+    return "\n".join([
+        f"## B3: OOF prediction path against the bare model forward ({m['cores']}-core CPU)",
+        "",
+        f"Measured {m['date']} at commit {m['commit']}.",
+        f"bench/b3.py: {r['images']} synthetic 4:3 JPEGs (bench/gpu.py `write_jpegs`, {md['image_size'] * 4 // 3}x"
+        f"{md['image_size']}) through the OOF path (manifest rows -> `ManifestDataModule` -> Lightning predict -> "
+        "`oof_file.write_oof`) against `Classifier.forward` in inference mode on pre-made uint8 batches of the "
+        f"same size ({r['batch']}), {r['threads']} torch threads, DataLoader workers {r['num_workers']}. Model: "
+        f"a SigLIP at {md['image_size']} px, {md['num_hidden_layers']} layers, width {md['hidden_size']}. "
+        "Images/s, best / median of interleaved repeats (higher is better).",
+        "",
+        "| case | images/s (best / median) | vs bare forward (median) |",
+        "|---|---:|---:|",
+        f"| bare model forward | {r['bare'][0]:.1f} / {bare:.1f} | 1.00 |",
+        f"| OOF path, decoding every image | {r['oof_decode'][0]:.1f} / {dec:.1f} | {dec / bare:.2f} |",
+        f"| OOF path, image cache (`data.cache=true`) | {r['oof_cache'][0]:.1f} / {cac:.1f} | {ratio:.2f} |",
+        f"| loader alone, decoding | {r['loader_decode'][0]:.0f} / {ld:.0f} | |",
+        f"| loader alone, image cache | {r['loader_cache'][0]:.0f} / {lc:.0f} | |",
+        f"| building the cache (once) | {r['cache_build_images_per_s']:.0f} | |",
+        "",
+        f"The cache reads images {lc / ld:.0f}x faster than decoding them every epoch (loader alone); on the whole",
+        f"OOF path here it is worth {cac / dec:.2f}x, because on this CPU the model is most of the cost. The GPU",
+        "figures (B6) are where the loader matters: there the model is 50-100x faster and the decode is not.",
+        "",
+        "| target | measured (median) | |",
+        "|---|---:|---|",
+        f"| OOF path with the cache >= {TARGETS['b3_ratio']:g} of the bare forward | {ratio:.2f} | "
+        f"{'met' if ratio >= TARGETS['b3_ratio'] else '**missed**'} |",
+    ])
+
+
+def b4_section(r: dict, m: dict) -> str:
+    k, e = r["kfold"], r["embed"]
+    ratio = e["oof_s"][1] / k["oof_s"][1]
+
+    def row(name, x):
+        return (f"| {name} | {mm(x['oof_s'], '.1f')} | {x['oof_top1']:.3f} | {x['precision']:.3f} | {x['recall']:.3f} | "
+                f"{x['garbage_found']}/{x['n_garbage']} |")
+    return "\n".join([
+        "## B4: oof=embed against oof=kfold on the demo",
+        "",
+        f"Measured {m['date']} at commit {m['commit']}.",
+        "bench/b4.py: `steps.oof.run` timed in one process after a warm-up (imports, demo, MLflow store), each",
+        "repeat with a fresh step cache; then `steps.flag.run` on its output, scored against the demo's ground truth",
+        f"(flagged = label issue or outlier). Default configs: model=tiny (random init), 5 folds. {k['repeats']} repeats.",
+        "",
+        "| oof | OOF step s (min / median) | OOF top-1 vs given labels | flag precision | flag recall | garbage found |",
+        "|---|---:|---:|---:|---:|---:|",
+        row("kfold (5 fine-tuned folds)", k),
+        row("embed (frozen backbone + logistic regression per fold)", e),
+        "",
+        "| target | measured (median) | |",
+        "|---|---:|---|",
+        f"| embed <= 1/5 of kfold | {ratio:.2f} | {'met' if ratio <= TARGETS['b4_ratio'] else '**missed**'} |",
+        "",
+        "embed's flags are weak here because model=tiny is a random-init backbone with no pretrained features;",
+        "with MedSigLIP's pretrained tower it is the cheap first pass the README describes (when to use which: README).",
+    ])
+
+
+def b5_section(r: dict, m: dict) -> str:
+    secs = r["summary"].get("seconds", {})
+    return "\n".join([
+        "## B5: `make cycle` on the demo",
+        "",
+        f"Measured {m['date']} at commit {m['commit']}.",
+        "`cleanloop cycle` (what `make cycle` runs once the venv exists) in a fresh temporary folder: builds the demo,",
+        "the MLflow store, the folds, flags, review page, prune, both trainings and the comparison; nothing cached.",
+        "",
+        "| runs | wall s (min / median) | inside the cycle (its own timer) |",
+        "|---:|---:|---:|",
+        f"| {r['repeats']} | {mm(r['wall_s'], '.1f')} | {secs.get('total', float('nan')):.1f} |",
+        "",
+        "Per step, last run (s): " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items() if k != "total") + ".",
+        "The rest of the wall time is the process start (imports) and the demo build.",
+    ])
+
+
+def b6_reading(rows: list[dict]) -> str:
+    """What the B6 table says, computed from its rows."""
+    def ips(part: str, batch: int | None = None) -> float | None:
+        return next((r["images_per_s"] for r in rows if r["part"] == part and "images_per_s" in r
+                     and (batch is None or r["batch"] == batch)), None)
+    lines = []
+    unfused = next((r for r in rows if r["part"] == "train (AdamW not fused)" and "images_per_s" in r), None)
+    if unfused and ips("train", unfused["batch"]):
+        lines.append(f"- Fused AdamW (cleanloop's default on CUDA): {ips('train', unfused['batch']) / unfused['images_per_s']:.2f}x "
+                     f"the unfused train step at batch {unfused['batch']}.")
+    comp = next((r for r in rows if r["part"] == "forward (torch.compile)" and "images_per_s" in r), None)
+    if comp and ips("forward", comp["batch"]):
+        lines.append(f"- `torch.compile` (`model.compile=true`): forward {comp['images_per_s'] / ips('forward', comp['batch']):.2f}x "
+                     f"at batch {comp['batch']} ({comp.get('note', '')}); off by default, it pays off on long runs.")
+    for tag, what in (("", "decoding JPEGs"), (", image cache", "with the image cache")):
+        pred = next((r for r in rows if r["part"] == f"predict (training.predict{tag})" and "images_per_s" in r), None)
+        if pred and ips("forward", pred["batch"]):
+            lines.append(f"- Predict path {what}: {pred['images_per_s'] / ips('forward', pred['batch']):.2f} of the bare "
+                         f"bf16 forward at batch {pred['batch']}.")
+    return ("\n\n" + "\n".join(lines)) if lines else ""
+
+
+def b6_section(r: dict | None, gpu: str | None, *, recorded: bool) -> str:
     head = "## B6: MedSigLIP-shaped model on a GPU (bench/gpu.py)\n\n"
     if r is None:
         return head + (f"GPU {gpu} available but B6 was skipped (--skip-b6)." if gpu
-                       else "Not run: no GPU on this machine. On a CUDA machine run `python bench/gpu.py` "
+                       else "Not run: no GPU on this machine and none recorded. On a CUDA machine run `python bench/gpu.py` "
                             "(under 5 minutes); `python bench/gpu.py --smoke` is its CPU check (tests/test_bench.py).")
     from gpu import table
 
-    return head + f"{r['device']}, {r['gflops_per_image']:.0f} GFLOP/image forward, peak {r['peak_tflops']:g} " \
-                  f"TFLOP/s, {r['wall_s']:.0f} s.\n\n" + table(r["rows"])
+    where = (f"Recorded on another machine (no GPU here): {r.get('machine', r['device'])}, {r.get('date', '?')}, commit "
+             f"{r.get('commit', '?')}; {r.get('versions', '')}.\n" if recorded else "")
+    return head + where + f"{r['device']}, {r['gflops_per_image']:.0f} GFLOP/image forward, peak {r['peak_tflops']:g} " \
+                          f"TFLOP/s (MFU is against it), {r['wall_s']:.0f} s.\n\n" + table(r["rows"]) + b6_reading(r["rows"])
 
 
-def previous_b2() -> str | None:
-    """The B2 section of the current RESULTS.md, if it has measured figures."""
-    if not RESULTS.is_file():
-        return None
-    text = RESULTS.read_text()
-    start = text.find(B2_START)
+def previous_section(part: str) -> str:
+    """Section ``part`` ("b2") of the current RESULTS.md, carried over when this run skips it."""
+    text = RESULTS.read_text() if RESULTS.is_file() else ""
+    start = text.find(f"## {part.upper()}:")
     if start < 0:
-        return None
+        return f"## {part.upper()}: not measured (run `python bench/run.py --parts {part}`)"
     end = text.find("\n## ", start + 1)
-    section = text[start:end if end >= 0 else None].rstrip()
-    return section if "| flag computation (batched)" in section else None
+    return text[start:end if end >= 0 else None].rstrip()
 
 
-def render(m: dict, b1_r: dict, b2_text: str, b6_text: str) -> str:
+def render(m: dict, sections: dict[str, str]) -> str:
     load = f"{m['load_start'][0]:.1f} at the start, {m['load_end'][0]:.1f} at the end"
     shared = (" The cores were shared with other work (load above 1 per core), so wall times are"
               " pessimistic and noisy; medians over fresh processes damp it." if max(m["load_start"][0], m["load_end"][0]) > 1.0
@@ -318,43 +464,56 @@ def render(m: dict, b1_r: dict, b2_text: str, b6_text: str) -> str:
         "- Peak memory: resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs just",
         "  before the call) minus the resident set at that moment, in a fresh process per repeat.",
         "",
-        b1_section(b1_r),
+        "Sections measured in an earlier run (`--parts`) say their own date and commit.",
         "",
-        b2_text,
-        "",
-        "## B3: not yet measured",
-        "",
-        "## B4: not yet measured",
-        "",
-        "## B5: not yet measured",
-        "",
-        b6_text,
+        "\n\n".join(sections[p] for p in (*PARTS, "b6")),
         "",
     ])
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--skip-b2", action="store_true", help="B1 only (B2 takes minutes and 5 GB of disk)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--skip-b2", action="store_true", help="same as leaving b2 out of --parts")
     p.add_argument("--skip-b6", action="store_true", help="do not run bench/gpu.py even on a GPU machine")
     p.add_argument("--repeats", type=int, default=5, help="B1 repeats per case")
     p.add_argument("--b2-repeats", type=int, default=2)
+    p.add_argument("--b3-repeats", type=int, default=3)
+    p.add_argument("--b4-repeats", type=int, default=2)
+    p.add_argument("--b5-repeats", type=int, default=1)
     p.add_argument("--tmp-dir", type=Path, default=Path(tempfile.gettempdir()), help="where B2 writes its 5 GB")
     a = p.parse_args(argv)
+    parts = [x.strip() for x in a.parts.split(",") if x.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    if a.skip_b2 and "b2" in parts:
+        parts.remove("b2")
 
     m = machine()
     print(f"bench on {m['cpu']} ({m['cores']} cores, {m['ram_gib']:.1f} GiB), commit {m['commit']}", flush=True)
-    print(f"B1: {B1_SHAPE[0]:,} x {B1_SHAPE[1]}, {a.repeats} repeats", flush=True)
-    b1_r = b1(a.repeats)
-    if a.skip_b2:
-        b2_text = previous_b2() or "## B2: not measured (run `python bench/run.py` without --skip-b2)"
-    else:
+    sections = {p: previous_section(p) for p in PARTS}
+    if "b1" in parts:
+        print(f"B1: {B1_SHAPE[0]:,} x {B1_SHAPE[1]}, {a.repeats} repeats", flush=True)
+        sections["b1"] = b1_section(b1(a.repeats), m)
+    if "b2" in parts:
         print(f"B2: {B2_SHAPE[0]:,} x {B2_SHAPE[1]:,}", flush=True)
-        b2_text = b2_section(b2(a.b2_repeats, a.tmp_dir), m)
+        sections["b2"] = b2_section(b2(a.b2_repeats, a.tmp_dir), m)
+    if "b3" in parts:
+        print(f"B3: OOF path vs bare forward, {a.b3_repeats} repeats", flush=True)
+        sections["b3"] = b3_section(script_json("b3.py", "--repeats", str(a.b3_repeats)), m)
+    if "b4" in parts:
+        print(f"B4: oof=embed vs oof=kfold on the demo, {a.b4_repeats} repeats", flush=True)
+        sections["b4"] = b4_section(script_json("b4.py", "--repeats", str(a.b4_repeats)), m)
+    if "b5" in parts:
+        print(f"B5: cleanloop cycle on the demo, {a.b5_repeats} run(s)", flush=True)
+        sections["b5"] = b5_section(b5(a.b5_repeats), m)
     gpu = gpu_available()
-    b6_r = None if a.skip_b6 else b6()
+    b6_r = None if (a.skip_b6 or gpu is None) else b6(m)
+    recorded = b6_r is None and gpu is None
+    sections["b6"] = b6_section(last_recorded_b6() if recorded else b6_r, gpu, recorded=recorded)
     m["load_end"] = os.getloadavg()
-    text = render(m, b1_r, b2_text, b6_section(b6_r, gpu))
+    text = render(m, sections)
     RESULTS.write_text(text)
     print()
     print(text)
