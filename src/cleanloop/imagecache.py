@@ -108,13 +108,15 @@ class DiskImageCache:
 
     def digests(self, paths: Sequence[str]) -> list[str]:
         """Each file's byte hash, re-reading only files whose size or mtime changed since last seen."""
-        known = self._stats().drop_duplicates("path", keep="last").set_index("path")
+        stats = self._stats()
+        known = dict(zip(stats["path"], zip(stats["bytes"], stats["mtime_ns"], stats["digest"], strict=True),
+                         strict=True))
         out, fresh = [], []
         for p in paths:
             st = os.stat(p)
-            row = known.loc[p] if p in known.index else None
-            if row is not None and row["bytes"] == st.st_size and row["mtime_ns"] == st.st_mtime_ns:
-                out.append(row["digest"])
+            seen = known.get(p)
+            if seen is not None and seen[0] == st.st_size and seen[1] == st.st_mtime_ns:
+                out.append(seen[2])
             else:
                 out.append(None)
                 fresh.append((len(out) - 1, p, st))
@@ -125,7 +127,7 @@ class DiskImageCache:
                 out[i] = d
             new = pd.DataFrame({"path": [p for _, p, _ in fresh], "bytes": [st.st_size for _, _, st in fresh],
                                 "mtime_ns": [st.st_mtime_ns for _, _, st in fresh], "digest": hashed})
-            stats = pd.concat([known.reset_index(), new]).drop_duplicates("path", keep="last")
+            stats = pd.concat([stats, new]).drop_duplicates("path", keep="last")
             write_table(self.dir / "stats.parquet", stats.reset_index(drop=True))
         return out
 
