@@ -14,7 +14,7 @@ UI_PORT ?= 5000
 STORE := sqlite:///$(CURDIR)/mlruns/mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast lint cycle demo-data oof flag prune review train-baseline train-cleaned compare sweep ui bench clean
+.PHONY: help venv test test-fast lint cycle demo-data cache oof flag prune review train-baseline train-cleaned compare sweep ui bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ cycle: $(STAMP) ## demo-data -> oof -> flag -> review -> prune -> train baseline
 
 demo-data: $(STAMP) ## (re)build the demo dataset in data/demo/
 	$(BIN)/cleanloop demo-data $(ARGS)
+
+cache: $(STAMP) ## decode + resize every image once into the image cache (then train with data.cache=true)
+	$(BIN)/cleanloop cache $(ARGS)
 
 oof: $(STAMP) ## k-fold out-of-fold probabilities
 	$(BIN)/cleanloop oof $(ARGS)
@@ -71,8 +74,8 @@ ui: $(STAMP) ## MLflow UI on the project's store at 127.0.0.1:$(UI_PORT)
 	@$(BIN)/python -m cleanloop.tracking --uri "$(STORE)" --port $(UI_PORT)
 	$(BIN)/mlflow ui --backend-store-uri "$(STORE)" --host 127.0.0.1 --port $(UI_PORT)
 
-bench: $(STAMP) ## benchmarks; rewrites bench/RESULTS.md
-	$(BIN)/python bench/run.py
+bench: $(STAMP) ## benchmarks B1-B5 (B6 where CUDA is); rewrites bench/RESULTS.md. ARGS="--parts b1,b4" for some
+	$(BIN)/python bench/run.py $(ARGS)
 
 clean: ## remove outputs (keeps .venv, data and mlruns)
 	rm -rf outputs multirun

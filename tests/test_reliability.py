@@ -114,21 +114,6 @@ def test_unreadable_images_stop_before_training_with_the_list(capsys, tmp_path):
     assert "epoch 1/" not in out.out and manifest.read_bytes() == before
 
 
-@pytest.mark.slow
-def test_skip_policy_runs_the_cycle_and_lists_exactly_the_bad_images(tmp_path):
-    manifest, bad = _dirty_manifest(tmp_path)
-    r = run_cli("cycle", "data=manifest", f"data.manifest={manifest}", "data.on_bad_image=skip",
-                "data.num_workers=0", "model.image_size=16", "model.config.image_size=16", "recipe.epochs=1",
-                "oof.n_folds=2", "compare.n_bootstrap=50", "review.screenshot=false", f"paths.root_dir={tmp_path}",
-                cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = tmp_path / "outputs" / "manifest"
-    skipped = pd.read_csv(out / "skipped_images.csv", dtype=str)
-    assert set(skipped["image_uuid"]) == bad
-    oof = pd.read_parquet(out / "oof" / "oof_probs.parquet")
-    assert not set(oof["image_uuid"]) & bad and len(oof) == 18 + 5
-
-
 def test_decompression_bomb_is_a_reason_not_a_crash(tmp_path, monkeypatch):
     from PIL import Image
 

@@ -7,12 +7,20 @@ keeps the whole image when it is made square.
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from cleanloop.errors import CleanloopError
+
+# PIL warns (on stderr) when it opens an image between one and two times Image.MAX_IMAGE_PIXELS;
+# ``image_problem`` reports such an image as a reason in the step's one-line error instead, and
+# nothing decodes an image the scan rejected. A filter, not ``catch_warnings``: the scan runs in
+# threads, and ``catch_warnings`` swaps process-wide state.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def load_image(path: str) -> Image.Image:
@@ -29,14 +37,24 @@ def load_image(path: str) -> Image.Image:
 
 
 def image_problem(path: str) -> str | None:
-    """Why PIL cannot fully decode ``path`` (zero bytes, not an image, truncated, too many pixels), or None."""
+    """Why PIL cannot fully decode ``path`` (zero bytes, not an image, truncated, too many pixels), or None.
+
+    The reason is short and one line; it never repeats ``path`` (the error message names the file).
+    """
     try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
         with Image.open(path) as img:
-            if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
-                return f"decompression bomb: {img.width}x{img.height} pixels exceeds PIL's limit"
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and img.width * img.height > limit:
+                return (f"decompression bomb: {img.width}x{img.height} pixels exceeds PIL's limit of {limit} "
+                        "(Image.MAX_IMAGE_PIXELS)")
             img.load()
+    except Image.UnidentifiedImageError:
+        return "not an image: PIL cannot identify the file's format"
     except Exception as e:  # PIL raises many types; each becomes one reason
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+        text = " ".join(str(e).replace(str(path), "<file>").split())[:160]
+        return f"{type(e).__name__}: {text}" if text else type(e).__name__
     return None
 
 

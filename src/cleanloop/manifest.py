@@ -8,6 +8,8 @@ and what to do.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,24 @@ from cleanloop.errors import CleanloopError
 REQUIRED_COLUMNS = ("image_uuid", "path", "label", "split")
 SPLITS = ("train", "val", "test")
 _MAX_LISTED = 10  # how many offending values an error message lists
+
+# What MLflow accepts in a metric key on every platform: letters and digits of any script, "_",
+# "-", ".", " " and "/" (no ":", which MLflow refuses on Windows). Here, not in cleanloop.tracking,
+# so that the input checks can use it without importing MLflow.
+_KEY_BAD = re.compile(r"[^\w\-. /]")
+_KEY_MAX = 200  # MLflow keys are at most 250 characters; leaves room for "delta/recall/<key>/ci_high"
+
+
+def class_key(name: str) -> str:
+    """A class name as one part of an MLflow metric key (``test/recall/<key>``).
+
+    Characters MLflow refuses become ``_``; so do the path parts it refuses (an empty, ``.`` or
+    ``..`` part between slashes, a leading or trailing slash), since the key must be a
+    normalised path. Letters of any script are kept (in NFC form): ``café`` stays ``café``.
+    """
+    key = _KEY_BAD.sub("_", unicodedata.normalize("NFC", str(name))).strip()[:_KEY_MAX].strip()
+    parts = ["_" if part.strip() in ("", ".", "..") else part for part in key.split("/")]
+    return "/".join(parts) or "_"
 
 
 def _rows(df: pd.DataFrame, mask: pd.Series, fmt: str) -> str:
@@ -114,7 +134,10 @@ def validate(
         )
     train = df[df["split"] == "train"]
     if train.empty:
-        raise CleanloopError(f"{source}: no rows with split == 'train'; cleanloop scores and retrains on the train split")
+        raise CleanloopError(
+            f"{source}: no rows with split == 'train' (column 'split' has only {_listed(sorted(df['split'].unique()))}); "
+            "cleanloop scores and retrains on the train split: set split=train on the rows to learn from"
+        )
     train_labels = set(train["label"])
     if classes is not None:
         unknown = sorted(set(df["label"]) - set(map(str, classes)))
@@ -123,11 +146,22 @@ def validate(
                 f"{source}: label(s) {_listed(unknown)} are not in data.classes; add them to data.classes or fix the labels"
             )
     for split in ("val", "test"):
-        absent = sorted(set(df.loc[df["split"] == split, "label"]) - train_labels)
+        rows = df["split"] == split
+        absent = sorted(set(df.loc[rows, "label"]) - train_labels)
         if absent:
+            where = rows & df["label"].isin(absent)
             raise CleanloopError(
-                f"{source}: {split} label(s) {_listed(absent)} have no train rows; "
-                f"a model cannot learn them: add train rows or drop those {split} rows"
+                f"{source}: {split} label(s) {_listed(absent)} have no train rows, at {_rows(df, where, fmt)} "
+                f"({int(where.sum())} rows); a model cannot learn them: add train rows or drop those {split} rows"
+            )
+    names = class_order(df, classes)
+    by_key: dict[str, str] = {}
+    for name in names:
+        other = by_key.setdefault(class_key(name), name)
+        if other != name:
+            raise CleanloopError(
+                f"{source}: classes {other!r} and {name!r} (column 'label') would share the MLflow metric key "
+                f"{class_key(name)!r}, so their per-class metrics would overwrite each other; rename one of them"
             )
     if min_train_per_class:
         counts = train["label"].value_counts()

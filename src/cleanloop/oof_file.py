@@ -8,6 +8,7 @@ under the key ``cleanloop``, so a reader never has to guess.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +17,16 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cleanloop.cleaning import check_pred_probs
 from cleanloop.errors import CleanloopError
 from cleanloop.io import write_atomic
 
+log = logging.getLogger(__name__)
+
 META_KEY = b"cleanloop"
 BASE_COLUMNS = ("image_uuid", "label", "fold")
+# How far a softmax row's sum may stray from one (float32 rounding over many classes) before the
+# row is normalised, with a warning; cleanlab expects rows that sum to one.
+ROW_SUM_TOLERANCE = 1e-3
 
 
 def oof_frame(uuids, labels, folds, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -49,17 +54,19 @@ def read_meta(path: str | Path) -> dict:
 class OOF:
     """Probabilities aligned to the manifest's train rows (same order)."""
 
-    pred_probs: np.ndarray  # (N, K), as stored (sigmoid rows not yet normalised)
+    pred_probs: np.ndarray  # (N, K): sigmoid rows as stored (not yet normalised); other rows sum to one
     folds: np.ndarray  # (N,), -1 for in-sample scoring
     meta: dict
     file_rows: np.ndarray  # (N,): row i of the manifest's train split is row file_rows[i] of the file
+    n_normalised: int = 0  # rows of a softmax file that did not sum to one, normalised here
 
 
 def load_oof(path: str | Path, *, train: pd.DataFrame, classes: list[str], head: str | None = None) -> OOF:
     """Read an OOF parquet and align it to ``train`` (the manifest's train rows).
 
     Refuses a file made from another manifest (rows missing or extra, labels differing) or
-    another class order, and probabilities that are NaN, negative or above one.
+    another class order, and probabilities that are NaN, negative or above one. Rows of a
+    softmax file (any head but ``sigmoid``) that do not sum to one are normalised, with a warning.
     """
     path = Path(path)
     if not path.is_file():
@@ -87,10 +94,17 @@ def load_oof(path: str | Path, *, train: pd.DataFrame, classes: list[str], head:
     have = set(df["image_uuid"])
     if want != have:
         missing, extra = sorted(want - have), sorted(have - want)
+        counts = [f"{len(missing)} train row(s) missing" + (f", e.g. {missing[:3]}" if missing else ""),
+                  f"{len(extra)} unknown row(s)" + (f", e.g. {extra[:3]}" if extra else "")]
         raise CleanloopError(
-            f"{path}: rows do not match the manifest's train split ({len(missing)} train row(s) missing, e.g. "
-            f"{missing[:3]}; {len(extra)} unknown row(s), e.g. {extra[:3]}); re-run `cleanloop oof` on this manifest"
+            f"{path}: rows do not match the manifest's train split ({'; '.join(counts)}); "
+            "the file was made from another manifest: re-run `cleanloop oof` on this manifest"
         )
+    from cleanloop.cleaning import check_pred_probs, normalise_rows  # cleanlab: only once the rows match
+
+    # Checked in the file's own row order, so that "row i" in a message is the file's row i.
+    checked = check_pred_probs(df[list(classes)].to_numpy(), n_rows=len(df), n_classes=len(classes),
+                               source=str(path), uuids=df["image_uuid"].tolist())
     position = pd.Series(np.arange(len(df)), index=df["image_uuid"])
     file_rows = position.loc[train["image_uuid"]].to_numpy()
     df = df.iloc[file_rows].set_index("image_uuid")
@@ -102,9 +116,19 @@ def load_oof(path: str | Path, *, train: pd.DataFrame, classes: list[str], head:
                 f"{path}: {int(differs.sum())} row(s) carry a different label than the manifest (first: {first!r}); "
                 "the OOF file was made from another version of the manifest: re-run `cleanloop oof`"
             )
-    probs = check_pred_probs(df[list(classes)].to_numpy(), n_rows=len(train), n_classes=len(classes),
-                             source=path.name, uuids=train["image_uuid"].tolist())
+    probs = checked[file_rows]
     folds = df["fold"].to_numpy(dtype=np.int64) if "fold" in df.columns else np.full(len(train), -1)
     if head is not None and "head" not in meta:
         meta = {**meta, "head": head}
-    return OOF(pred_probs=probs, folds=folds, meta=meta, file_rows=file_rows)
+    n_normalised = 0
+    if meta.get("head") != "sigmoid":
+        sums = probs.sum(axis=1)
+        off = np.abs(sums - 1.0) > ROW_SUM_TOLERANCE
+        if off.any():
+            n_normalised = int(off.sum())
+            i = int(np.flatnonzero(off)[np.argmin(file_rows[off])])  # the first in the file's order
+            log.warning("%s: %d of %d pred_probs row(s) do not sum to one (first image_uuid %r, file row %d, sum %.4g); "
+                        "each row normalised to sum to one before cleanlab", path, n_normalised, len(probs),
+                        str(train["image_uuid"].iloc[i]), int(file_rows[i]), float(sums[i]))
+            probs = normalise_rows(probs)
+    return OOF(pred_probs=probs, folds=folds, meta=meta, file_rows=file_rows, n_normalised=n_normalised)

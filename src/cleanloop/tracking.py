@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,17 +16,18 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from cleanloop.errors import CleanloopError
+from cleanloop.manifest import class_key
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 SWEEP_PARENT_ENV = "CLEANLOOP_SWEEP_RUN_ID"  # set by the multirun callback: jobs nest under the sweep's run
-_KEY_OK = re.compile(r"[^A-Za-z0-9_\-. /]")  # what MLflow accepts in metric and param keys
 
 
 def metric_key(name: str) -> str:
-    """A class name made safe for an MLflow key (unsupported characters become ``_``)."""
-    return _KEY_OK.sub("_", str(name)).strip() or "_"
+    """A class name made safe for an MLflow key: characters and path parts MLflow refuses become ``_``
+    (:func:`cleanloop.manifest.class_key`; the manifest check refuses two classes with one key)."""
+    return class_key(name)
 
 
 def key_mapping(classes) -> dict[str, str]:

@@ -11,28 +11,19 @@ import logging
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from cleanloop.cleaning import (
-    find_issues,
-    flag_scores,
-    mark_outliers,
-    normalise_rows,
-    outlier_scores,
-    render_montage,
-)
 from cleanloop.config import file_hash, short_hash
-from cleanloop.flagcore import flag_tables
 from cleanloop.io import write_csv, write_json
 from cleanloop.oof_file import load_oof
 from cleanloop.steps.common import cached, load_input, out_path, step_cache
-from cleanloop.tracking import log_artifact_files, log_key_mapping, metric_key, step_run
+
+# cleanlab (cleanloop.cleaning, cleanloop.flagcore) and MLflow (cleanloop.tracking) load in _flag,
+# once the OOF file has passed its checks: a wrong OOF file is refused in ~2 s, not ~7 s.
 
 log = logging.getLogger(__name__)
-
 
 
 def _embeddings(oof_path: Path, file_rows: np.ndarray) -> np.ndarray | None:
@@ -49,6 +40,8 @@ def _embeddings(oof_path: Path, file_rows: np.ndarray) -> np.ndarray | None:
 
 def _baseline_test_metrics(data_hash: str) -> pd.Series | None:
     """Per-class test recall / F1 of the latest baseline run on this manifest (the team's table)."""
+    import mlflow
+
     runs = mlflow.search_runs(
         filter_string=f"tags.`cleanloop.role` = 'baseline' and tags.`cleanloop.data` = '{data_hash}' "
                       "and attributes.status = 'FINISHED'",
@@ -112,12 +105,26 @@ def _flag(cfg: DictConfig, m, oof_path: Path, out_dir: Path, key: str) -> dict:
     train, classes = m.train.reset_index(drop=True), m.classes
     labels = m.label_indices(train)
     oof = load_oof(oof_path, train=train, classes=classes, head=cfg.recipe.head)
+    import mlflow
+
+    from cleanloop.cleaning import (
+        find_issues,
+        flag_scores,
+        mark_outliers,
+        normalise_rows,
+        outlier_scores,
+        render_montage,
+    )
+    from cleanloop.flagcore import flag_tables
+    from cleanloop.tracking import log_artifact_files, log_key_mapping, metric_key, step_run
+
     data_hash = file_hash(m.source)
     sigmoid = oof.meta.get("head") == "sigmoid"
-    pred_probs = normalise_rows(oof.pred_probs) if sigmoid else oof.pred_probs
+    pred_probs = normalise_rows(oof.pred_probs) if sigmoid else oof.pred_probs  # softmax rows: load_oof did
+    normalised = sigmoid or oof.n_normalised > 0
     tags = {"cleanloop.data": data_hash, "cleanloop.oof_key": str(oof.meta.get("key", "external")),
             "cleanloop.in_sample": str(oof.meta.get("method") == "insample").lower(),
-            "cleanloop.normalised_rows": str(sigmoid).lower(), "cleanloop.flag_key": key}
+            "cleanloop.normalised_rows": str(normalised).lower(), "cleanloop.flag_key": key}
     fc = cfg.flag
     with step_run(cfg, "flag", tags=tags) as run:
         if sigmoid:
@@ -156,7 +163,8 @@ def _flag(cfg: DictConfig, m, oof_path: Path, out_dir: Path, key: str) -> dict:
 
         n_issues = int(is_issue.sum())
         summary = {"n_rows": len(table), "n_issues": n_issues, "issue_rate": n_issues / len(table),
-                   "n_outliers": int(is_outlier.sum()), "normalised_rows": sigmoid,
+                   "n_outliers": int(is_outlier.sum()), "normalised_rows": normalised,
+                   "n_rows_normalised": len(table) if sigmoid else oof.n_normalised,
                    "in_sample": oof.meta.get("method") == "insample", "run_id": run.info.run_id}
         metrics = {"flag/n_issues": n_issues, "flag/issue_rate": summary["issue_rate"],
                    "flag/n_outliers": summary["n_outliers"]}
