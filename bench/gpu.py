@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-workers", type=int, default=None, help="default: the config's data.num_workers")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak of the GPU (H100 SXM: 989)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile forward (compiling takes a minute)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="only forward and train step, eager then torch.compile, at --predict-batch / --compile-train-batch")
+    p.add_argument("--compile-train-batch", type=int, default=32)
     p.add_argument("--json", type=Path, help="also write the rows here")
     a = p.parse_args(argv)
 
@@ -291,6 +294,10 @@ def main(argv: list[str] | None = None) -> dict:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)"
     print(f"B6 on {name}: SigLIP {config}, {flops / 1e9:.1f} GFLOP/image forward, peak {a.peak_tflops:g} TFLOP/s",
           flush=True)
+    if a.compile_only:
+        rows = compile_rows(model, config=config, device=device, warmup=warmup, steps=steps, flops=flops, peak=peak,
+                            forward_batch=pbatch, train_batch=a.compile_train_batch if not a.smoke else 2)
+        return finish(a, rows, name, config, flops, t_start)
     rows = sweep(model, kind="forward", batch_sizes=fwd, size=config["image_size"], warmup=warmup, steps=steps,
                  device=device, flops=flops, peak=peak)
     rows += sweep(model, kind="train", batch_sizes=trn, size=config["image_size"], warmup=warmup, steps=steps,
@@ -314,6 +321,25 @@ def main(argv: list[str] | None = None) -> dict:
                       steps=steps, device=device, flops=flops, peak=peak, label="forward (torch.compile)")
         rows[-1]["note"] = f"compile + warm-up + timed steps {time.perf_counter() - t0:.0f} s"
     rows.append({"part": "verdict", "batch": pbatch, "note": verdict(rows, pbatch)})
+    return finish(a, rows, name, config, flops, t_start)
+
+
+def compile_rows(model, *, config, device, warmup, steps, flops, peak, forward_batch, train_batch) -> list[dict]:
+    """Forward and train step eager, then the same with the backbone compiled in place (what
+    ``model.compile=true`` does); each compiled row notes its compile + warm-up + timed seconds."""
+    size = config["image_size"]
+    common = dict(size=size, warmup=warmup, steps=steps, device=device, flops=flops, peak=peak)
+    rows = sweep(model, kind="forward", batch_sizes=[forward_batch], **common)
+    rows += sweep(model, kind="train", batch_sizes=[train_batch], **common)
+    model.backbone.compile()
+    for kind, bs in (("forward", forward_batch), ("train", train_batch)):
+        t0 = time.perf_counter()
+        rows += sweep(model, kind=kind, batch_sizes=[bs], label=f"{kind} (torch.compile)", **common)
+        rows[-1]["note"] = f"compile + warm-up + timed steps {time.perf_counter() - t0:.0f} s"
+    return rows
+
+
+def finish(a, rows: list[dict], name: str, config: dict, flops: float, t_start: float) -> dict:
     result = {"device": name, "config": config, "gflops_per_image": flops / 1e9, "peak_tflops": a.peak_tflops,
               "wall_s": time.perf_counter() - t_start, "rows": rows}
     if a.json:

@@ -165,8 +165,14 @@ def b6(m: dict) -> dict | None:
 
 def last_recorded_b6() -> dict | None:
     """The newest recorded GPU run (bench/results/b6-*.json), for a machine without a GPU."""
-    files = sorted((HERE / "results").glob("b6-*.json"), key=lambda f: f.stat().st_mtime)
+    files = sorted((f for f in (HERE / "results").glob("b6-*.json") if not f.name.startswith("b6-compile-")),
+                   key=lambda f: f.stat().st_mtime)
     return json.loads(files[-1].read_text()) if files else None
+
+
+def recorded_compile_runs() -> list[dict]:
+    """``bench/gpu.py --compile-only`` runs recorded in bench/results/b6-compile-*.json."""
+    return [json.loads(f.read_text()) for f in sorted((HERE / "results").glob("b6-compile-*.json"))]
 
 
 def script_json(script: str, *args: str) -> dict:
@@ -434,7 +440,20 @@ def b6_section(r: dict | None, gpu: str | None, *, recorded: bool) -> str:
     where = (f"Recorded on another machine (no GPU here): {r.get('machine', r['device'])}, {r.get('date', '?')}, commit "
              f"{r.get('commit', '?')}; {r.get('versions', '')}.\n" if recorded else "")
     return head + where + f"{r['device']}, {r['gflops_per_image']:.0f} GFLOP/image forward, peak {r['peak_tflops']:g} " \
-                          f"TFLOP/s (MFU is against it), {r['wall_s']:.0f} s.\n\n" + table(r["rows"]) + b6_reading(r["rows"])
+                          f"TFLOP/s (MFU is against it), {r['wall_s']:.0f} s.\n\n" + table(r["rows"]) + b6_reading(r["rows"]) \
+        + "".join(compile_section(c) for c in recorded_compile_runs())
+
+
+def compile_section(c: dict) -> str:
+    from gpu import table
+
+    eager = {r["part"]: r for r in c["rows"] if "(" not in r["part"] and "images_per_s" in r}
+    gains = [f"{r['part'].split(' (')[0]} {r['images_per_s'] / eager[r['part'].split(' (')[0]]['images_per_s']:.2f}x"
+             for r in c["rows"] if r["part"].endswith("(torch.compile)") and r["part"].split(" (")[0] in eager
+             and "images_per_s" in r]
+    return (f"\n\n### torch.compile, eager against compiled in one run (`{c.get('command', 'bench/gpu.py --compile-only')}`)"
+            f"\n\n{c.get('machine', c['device'])}, {c.get('date', '?')}, commit {c.get('commit', '?')}.\n\n"
+            + table(c["rows"]) + f"\n\nCompiled against eager: {', '.join(gains)}.")
 
 
 def previous_section(part: str) -> str:

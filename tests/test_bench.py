@@ -33,7 +33,10 @@ def test_gpu_script_smoke_prints_its_table():
     rows = [line.split("|")[1].strip() for line in lines[header + 2:]]
     assert len(lines) == header + 2 + len(rows)  # the table is printed last
     assert rows[:4] == ["forward", "forward", "train", "train"]
-    assert rows[4].startswith("loader") and rows[5].startswith("predict") and rows[6] == "verdict"
+    assert rows[4:] == ["loader (0 workers)", "predict (training.predict)", "image cache build (4 files)",
+                        "loader (0 workers, image cache)", "predict (training.predict, image cache)", "verdict"]
+    verdict = lines[-1].split("|")[-2]
+    assert "decoding JPEGs:" in verdict and "with the image cache:" in verdict and "missing" not in verdict
 
 
 def test_b1_flag_computation_at_a_tiny_size():
