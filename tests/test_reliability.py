@@ -135,3 +135,36 @@ def test_exif_rotated_photo_is_turned_upright(tmp_path):
     exif[0x0112] = 6  # Orientation: rotate 90 CW to display
     img.save(tmp_path / "rot.jpg", exif=exif.tobytes())
     assert load_image(str(tmp_path / "rot.jpg")).size == (20, 40)
+
+
+def test_a_failed_fold_fails_the_step_and_publishes_no_oof(tiny_manifest, tmp_path, monkeypatch):
+    """Fault injection: the second fold's training raises (as a CUDA error would). The step fails
+    with that error, publishes no OOF file, leaves its cache entry unfinished (fold 1 kept for a
+    resume) and its MLflow run FAILED."""
+    import mlflow
+
+    from cleanloop.steps import oof
+
+    from conftest import make_cfg
+
+    cfg = make_cfg(tmp_path, "data=manifest", f"data.manifest={tiny_manifest}", "data.num_workers=0",
+                   "recipe.epochs=1", "oof.n_folds=2", "model.image_size=16", "model.config.image_size=16")
+    real, calls = oof.fit_predict, []
+
+    def second_fold_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(oof, "fit_predict", second_fold_fails)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        oof.run(cfg)
+    assert len(calls) == 2
+    assert not (tmp_path / "outputs" / "manifest" / "oof" / "oof_probs.parquet").exists()
+    entries = [p for p in (tmp_path / ".cache" / "cleanloop" / "steps" / "oof").iterdir() if p.is_dir()]
+    assert len(entries) == 1 and not (entries[0] / "cleanloop-entry.json").exists()
+    assert (entries[0] / "folds" / "fold-0.parquet").is_file() and not (entries[0] / "folds" / "fold-1.parquet").exists()
+    assert not (entries[0] / "oof_probs.parquet").exists()
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`cleanloop.step` = 'oof'")
+    assert runs["status"].tolist() == ["FAILED"]
