@@ -202,8 +202,8 @@ def test_cycle_on_corrupted_demo_refuses_with_the_first_ten(awkward_demo):
                   }.get(d.corrupted[uuid]) or image_problem(path)
         if d.corrupted[uuid] == "truncated":
             assert re.fullmatch(r"OSError: .*truncated.*|SyntaxError: broken PNG file.*", reason), reason
-        shown.append(f"{path} ({reason})")
-    assert msg == f"{d.manifest}: 54 image(s) cannot be decoded, first: {', '.join(shown)}; {FIX_IMAGES}"
+        shown.append(f"'{path}' ({reason})")
+    assert msg == f"{d.manifest}: 54 image(s) cannot be decoded, first: {', '.join(shown)} and 44 more; {FIX_IMAGES}"
     assert snapshot(d.manifest.parent) == d.before
 
 
@@ -354,7 +354,7 @@ def test_undecodable_image_is_refused_with_its_path_and_reason(tmp_path, case):
     r = cli("train", m, tmp_path / "run", timeout=120)
     msg = refused(r, "train")
     bad = re.escape(str(data.resolve() / "img" / name))
-    assert re.fullmatch(rf"{re.escape(str(m))}: 1 image\(s\) cannot be decoded, first: {bad} \({reason}\); "
+    assert re.fullmatch(rf"{re.escape(str(m))}: 1 image\(s\) cannot be decoded, first: '{bad}' \({reason}\); "
                         + re.escape(FIX_IMAGES), msg), msg
     assert time.time() - t0 < 60  # no hang on the bomb
     assert snapshot(data) == before

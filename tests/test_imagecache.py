@@ -7,11 +7,12 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_cli, write_png
 from PIL import Image
 
 from cleanloop.data import ImageTransform, make_dataset
 from cleanloop.imagecache import DiskImageCache, resize_square
+
+from conftest import run_cli, write_png
 
 
 def _images(folder, n=6):

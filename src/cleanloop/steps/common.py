@@ -73,6 +73,9 @@ def _bad_images(cfg: DictConfig, source: Manifest) -> pd.DataFrame:
     return _SCANNED[memo]
 
 
+_WARNED: set[tuple[str, int]] = set()
+
+
 def _apply_bad_image_policy(cfg: DictConfig, m: Manifest, bad: pd.DataFrame) -> Manifest:
     """data.on_bad_image: ``fail`` (default) stops before any training with the list; ``skip`` drops
     the rows and writes ``skipped_images.csv`` to paths.out_dir. Never silent."""
@@ -83,12 +86,15 @@ def _apply_bad_image_policy(cfg: DictConfig, m: Manifest, bad: pd.DataFrame) -> 
     if policy not in ("fail", "skip"):
         raise CleanloopError(f"data.on_bad_image={policy!r}: choose fail or skip")
     if policy == "fail":
-        listed = ", ".join(f"{p} ({r})" for p, r in zip(bad["path"][:10], bad["reason"][:10], strict=True))
-        raise CleanloopError(f"{m.source}: {len(bad)} image(s) cannot be decoded, first: {listed}; fix or remove "
-                             "them, or set data.on_bad_image=skip to train without them")
-    write_csv(out_path(cfg, "skipped_images.csv"), bad)
-    log.warning("data.on_bad_image=skip: %d unreadable image(s) left out, listed in %s", len(bad),
-                out_path(cfg, "skipped_images.csv"))
+        listed = ", ".join(f"'{p}' ({r})" for p, r in zip(bad["path"][:10], bad["reason"][:10], strict=True))
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise CleanloopError(f"{m.source}: {len(bad)} image(s) cannot be decoded, first: {listed}{more}; fix or "
+                             "remove them, or set data.on_bad_image=skip to train without them")
+    skipped = out_path(cfg, "skipped_images.csv")
+    write_csv(skipped, bad)
+    if (str(skipped), len(bad)) not in _WARNED:  # once per process, not at every load of the manifest
+        _WARNED.add((str(skipped), len(bad)))
+        log.warning("data.on_bad_image=skip: %d unreadable image(s) left out, listed in %s", len(bad), skipped)
     return replace(m, df=m.df[~m.df["image_uuid"].isin(set(bad["image_uuid"]))].reset_index(drop=True))
 
 
