@@ -109,3 +109,13 @@ def test_image_modes_are_converted(tmp_path):
     (tmp_path / "text.jpg").write_text("not an image")
     with pytest.raises(CleanloopError, match="cannot decode image"):
         load_image(str(tmp_path / "text.jpg"))
+
+
+def test_fused_adamw_is_asked_for_only_when_the_recipe_leaves_it_open():
+    import functools
+
+    from cleanloop.model import _takes_fused
+
+    assert _takes_fused(functools.partial(torch.optim.AdamW, weight_decay=0.05))
+    assert not _takes_fused(functools.partial(torch.optim.AdamW, fused=False))  # the recipe's choice stands
+    assert not _takes_fused(torch.optim.LBFGS)  # no fused kernel

@@ -143,7 +143,7 @@ _READS_MANIFEST = {"cache": False, "oof": True, "cycle": True, "flag": False, "p
 
 def preflight(step: str, cfg: DictConfig) -> None:
     """Check the input manifest and its images before the step's module (torch, Lightning, MLflow:
-    ten seconds and more of imports) loads, so bad input fails in about a second. The step checks
+    ten seconds and more of imports) loads, so bad input fails in about two seconds. The step checks
     again with everything loaded; the image scan is cached, so the second check costs little."""
     if step not in _READS_MANIFEST:
         return
