@@ -50,18 +50,24 @@ def write_png(path: Path, value: int, size: int = 16, mode: str = "RGB") -> None
     Image.fromarray(arr).convert(mode).save(path)
 
 
-@pytest.fixture
-def tiny_manifest(tmp_path) -> Path:
-    """Three classes of flat-coloured 16 px PNGs (dark / mid / bright), train and test, with groups."""
+def tiny_rows(data: Path) -> pd.DataFrame:
+    """Three classes of flat-coloured 16 px PNGs (dark / mid / bright) under ``data/img``, 6 train +
+    2 test each, with groups, as a manifest DataFrame."""
     rows = []
     for c, value in (("dark", 20), ("mid", 110), ("bright", 200)):
         for i in range(8):
             uuid = f"{c}-{i}"
-            write_png(tmp_path / "img" / f"{uuid}.png", value + i)
+            write_png(data / "img" / f"{uuid}.png", value + i)
             rows.append({"image_uuid": uuid, "path": f"img/{uuid}.png", "label": c,
                          "split": "test" if i >= 6 else "train", "group": f"{c}-g{i // 2}"})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def tiny_manifest(tmp_path) -> Path:
+    """:func:`tiny_rows` written as ``manifest.csv``."""
     path = tmp_path / "manifest.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
+    tiny_rows(tmp_path).to_csv(path, index=False)
     return path
 
 

@@ -36,7 +36,7 @@ from cleanloop.images import image_problem
 from cleanloop.oof_file import oof_frame, write_oof
 from cleanloop.pruning import apply_pruning, read_decisions, select_pruned
 
-from conftest import run_cli, write_png
+from conftest import run_cli, tiny_rows
 
 CLASSES = ["bright", "dark", "mid"]  # the tiny data's class order (sorted train labels)
 FIX_IMAGES = "fix or remove them, or set data.on_bad_image=skip to train without them"
@@ -50,18 +50,6 @@ def snapshot(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` (the manifest, its images, any OOF file beside them)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def tiny_rows(data: Path) -> pd.DataFrame:
-    """Three classes of 16 px PNGs under ``data/img`` (6 train + 2 test each), as a manifest DataFrame."""
-    rows = []
-    for c, value in (("dark", 20), ("mid", 110), ("bright", 200)):
-        for i in range(8):
-            uuid = f"{c}-{i}"
-            write_png(data / "img" / f"{uuid}.png", value + i)
-            rows.append({"image_uuid": uuid, "path": f"img/{uuid}.png", "label": c,
-                         "split": "test" if i >= 6 else "train", "group": f"{c}-g{i // 2}"})
-    return pd.DataFrame(rows)
 
 
 def write_manifest(df: pd.DataFrame, data: Path, name: str = "manifest.csv") -> Path:

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from cleanloop.data import ImageTransform, augment_batch, load_image, pad_to_square
+from cleanloop.data import ImageTransform, augment_batch
 from cleanloop.errors import CleanloopError
+from cleanloop.images import load_image, pad_to_square
 from cleanloop.manifest import load_manifest
 from cleanloop.model import Classifier, backbone_from_config, load_backbone
 from cleanloop.training import fit_predict

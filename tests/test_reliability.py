@@ -117,7 +117,7 @@ def test_unreadable_images_stop_before_training_with_the_list(capsys, tmp_path):
 def test_decompression_bomb_is_a_reason_not_a_crash(tmp_path, monkeypatch):
     from PIL import Image
 
-    from cleanloop.data import image_problem
+    from cleanloop.images import image_problem
 
     Image.new("L", (300, 300)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # PIL's limit, scaled down for a tiny file
@@ -128,7 +128,7 @@ def test_decompression_bomb_is_a_reason_not_a_crash(tmp_path, monkeypatch):
 def test_exif_rotated_photo_is_turned_upright(tmp_path):
     from PIL import Image
 
-    from cleanloop.data import load_image
+    from cleanloop.images import load_image
 
     img = Image.new("RGB", (40, 20), (255, 0, 0))
     exif = Image.Exif()

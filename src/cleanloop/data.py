@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from cleanloop.imagecache import CacheReader, DiskImageCache, square_pixels
-from cleanloop.images import image_problem, load_image, pad_to_square, unreadable_images  # noqa: F401  (re-exported)
+from cleanloop.images import load_image
 
 
 class ImageTransform:
