@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import warnings
@@ -19,6 +20,7 @@ from cleanloop.flagcore import ISSUE_COLUMNS, flag_tables
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
+import efficacy  # noqa: E402
 import flagbench  # noqa: E402
 from synth import make_oof, write_oof_memmap  # noqa: E402
 
@@ -120,3 +122,56 @@ def test_flag_tables_order_is_the_two_key_sort_with_ties():
     assert tables.issues["image_uuid"].tolist() == want["image_uuid"].tolist()
     assert tables.per_class["n_issues"].sum() == found["is_label_issue"].sum()
     assert tables.confusions["count"].sum() == found["is_label_issue"].sum()
+
+
+# --- B7 (bench/efficacy.py) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["uniform", "lookalike", "systematic"])
+def test_efficacy_case_has_the_injected_noise_garbage_groups_and_clean_test(tmp_path, kind):
+    info = efficacy.build_case(efficacy.parse_case(f"shiftblur-{kind}-10"), tmp_path, n_rows=300)
+    rows = pd.read_csv(tmp_path / "manifest.csv", dtype=str, keep_default_na=False)
+    truth = pd.read_csv(tmp_path / "ground_truth.csv", dtype={"image_uuid": str}, keep_default_na=False)
+    assert list(rows.columns) == ["image_uuid", "path", "label", "split", "group"]
+    assert (rows["image_uuid"] == truth["image_uuid"]).all() and all((tmp_path / p).is_file() for p in rows["path"])
+    train = rows["split"] == "train"
+    digits = ~truth["is_garbage"].to_numpy()
+    noisy = rows["label"] != truth["true_label"]
+    assert (noisy[digits] == truth["is_noisy"][digits]).all()
+    assert not noisy[(~train).to_numpy() & digits].any()  # test labels are clean
+    assert abs(info["noise_rate_actual"] - 0.10) < 0.02 and info["n_garbage"] == efficacy.N_GARBAGE
+    assert (truth["is_garbage"] & ~train).sum() == 0
+    sizes = rows[digits].groupby("group")["split"].agg(["size", "nunique"])
+    assert sizes["size"].max() == 3 and sizes["nunique"].max() == 1  # groups of 3 within one split
+    again = tmp_path / "again"
+    efficacy.build_case(efficacy.parse_case(f"shiftblur-{kind}-10"), again, n_rows=300)  # seeded: same case
+    assert pd.read_csv(again / "manifest.csv").equals(pd.read_csv(tmp_path / "manifest.csv"))
+
+
+def test_efficacy_metrics():
+    f = efficacy.flag_metrics([True, True, False, False], [True, False, True, False])
+    assert (f["precision"], f["recall"], f["f1"]) == (0.5, 0.5, 0.5)
+    assert efficacy.top_true([0.1, 0.9, 0.2, 0.3], [True, False, False, True], n=2) == 1
+    g = efficacy.gain_interval([0.80, 0.81, 0.82], [0.84, 0.84, 0.86])
+    assert g["ci_low"] < g["mean"] < g["ci_high"] and abs(g["mean"] - 0.0366667) < 1e-6
+    with pytest.raises(SystemExit):
+        efficacy.expand_cases("up24-nonsense-20")
+
+
+@pytest.mark.slow  # ~1 minute: one tiny case through cleanloop's real steps and the peer
+def test_efficacy_script_smoke_writes_json_and_the_b7_table(tmp_path):
+    out = tmp_path / "b7.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "efficacy.py"), "--quick", "--cases",
+                           "native8-uniform-20", "--n-rows", "300", "--seeds", "0,1", "--jobs", "1",
+                           "--cleanloop", "recipe.epochs=1", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["machine"]["commit"] and r["wall_s"] > 0 and r["cleanloop_overrides"][-1] == "recipe.epochs=1"
+    (case,) = r["cases"]
+    for who in ("cleanloop", "peer"):
+        assert len(case[who]["baseline_ba"]) == len(case[who]["cleaned_ba"]) == 2
+        assert 0 <= case[who]["flags"]["f1"] <= 1 and 0 <= case[who]["top100_true"] <= 100
+    assert case["cleanloop"]["config"]["epochs"] == 1 and case["cleanloop"]["config"]["n_folds"] == 3
+    assert "| native8-uniform-20 | cleanloop |" in proc.stdout and "Misses" in proc.stdout
+

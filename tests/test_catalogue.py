@@ -113,7 +113,7 @@ AWKWARD_KEYS = {
     "Ünïcode": "Ünïcode", "naevus, atypical": "naevus_ atypical", "50% hair-loss": "50_ hair-loss",
     "tinea [corporis]": "tinea _corporis_", "rash; drug #2": "rash_ drug _2",
 }
-CYCLE_FAST = ("oof.n_folds=2", "recipe.epochs=1", "compare.n_bootstrap=100", "review.screenshot=false")
+CYCLE_FAST = ("oof.n_folds=2", "recipe.epochs=1", "compare.n_bootstrap=100", "compare.seeds=1", "review.screenshot=false")
 SKIP_TEST = "test_cycle_on_corrupted_demo_skips_exactly_the_bad_images"
 
 

@@ -18,7 +18,7 @@ import pytest
 from cleanloop.model import Classifier, backbone_from_config
 from cleanloop.oof_file import oof_frame, write_oof
 
-from conftest import make_cfg, run_cli, write_png
+from conftest import make_cfg, run_cli, tiny_rows, write_png
 
 TINY = ["data=manifest", "data.num_workers=0", "model.image_size=16", "model.config.image_size=16"]
 CLASSES = ["bright", "dark", "mid"]
@@ -41,6 +41,7 @@ def runs_of(uri: str, step: str) -> pd.DataFrame:
 @pytest.mark.slow
 def test_cycle_multirun_trains_the_folds_once(tiny_manifest, tmp_path):
     fast = [*TINY, f"data.manifest={tiny_manifest}", "recipe.epochs=1", "oof.n_folds=2", "compare.n_bootstrap=50",
+            "compare.seeds=1",
             f"paths.root_dir={tmp_path}"]
     r = run_cli("cycle", "-m", "flag.filter_by=prune_by_noise_rate,both,confident_learning", *fast, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -178,3 +179,68 @@ def test_unreachable_tracking_server_fails_before_training(capsys, tiny_manifest
     assert e.value.code == 1
     assert f"tracking.uri=http://127.0.0.1:{port}: no MLflow server answers" in out.err
     assert "epoch 1/" not in out.out and not list(tmp_path.rglob("metrics.json"))
+
+
+# Issue 12: a seed sweep with Hydra's default sweep folder (multirun/<date>/<time>, subdir ${hydra.job.num}).
+
+
+def test_pooled_compare_config_has_no_hydra_node(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationToMissingValueError
+
+    from cleanloop.config import conf_dir
+    from cleanloop.sweep import job_config
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        # the config a multirun's callbacks get: hydra.job.num is still ??? (sweep.subdir points at it)
+        cfg = compose("config", overrides=[f"paths.root_dir={tmp_path}"], return_hydra_config=True)
+    with pytest.raises(InterpolationToMissingValueError, match="hydra.job.num"):
+        OmegaConf.to_container(cfg, resolve=True)
+    job_cfg = job_config(cfg)
+    assert "hydra" not in job_cfg and "hydra" in cfg  # the multirun config is left as it was
+    OmegaConf.to_container(job_cfg, resolve=True)  # what step_run logs: nothing left that cannot resolve
+
+
+@pytest.mark.filterwarnings("ignore:Callback SweepCallback")
+def test_a_failing_sweep_summary_exits_1(tiny_manifest, tmp_path, monkeypatch, capsys):
+    from cleanloop import cli
+
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir / "sweep_summary.csv").mkdir(parents=True)  # the summary cannot be written there
+    monkeypatch.setattr(cli, "run_step", lambda step, cfg: None)  # the jobs themselves are not the point
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["flag", "-m", "flag.filter_by=both", *TINY, f"data.manifest={tiny_manifest}",
+                  f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={sweep_dir}"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"cleanloop flag: error: sweep summary for {sweep_dir} failed (IsADirectoryError")
+    parent = runs_of(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "sweep")
+    assert list(parent["status"]) == ["FAILED"]
+
+
+@pytest.mark.slow
+def test_seed_sweep_in_the_default_sweep_folder_finishes_every_run(tmp_path):
+    """`cleanloop cycle -m recipe.seed=0,1` run from a scratch project root with Hydra's default sweep
+    folder (multirun/<date>/<time>, subdir ${hydra.job.num}) and the default MLflow store, both under it."""
+    (tmp_path / "data").mkdir()
+    tiny_rows(tmp_path / "data").to_csv(tmp_path / "data" / "manifest.csv", index=False)
+    # compare.seeds=1: one seed pair per job (the seeds come from the sweep)
+    r = run_cli("cycle", "-m", "recipe.seed=0,1", *TINY, "data.manifest=data/manifest.csv", "recipe.epochs=1",
+                "oof.n_folds=2", "compare.n_bootstrap=50", "compare.seeds=1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Callback SweepCallback" not in r.stderr, r.stderr[-3000:]
+    (summary,) = (tmp_path / "multirun").glob("*/*/sweep_summary.csv")
+    table = pd.read_csv(summary)
+    assert len(table) == 1 and table.loc[0, "n_seeds"] >= 2 and pd.notna(table.loc[0, "delta_balanced_accuracy"])
+    assert table.loc[0, "verdict"] in ("helped", "hurt", "inconclusive")  # a pooled verdict over the seeds
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
+    (sweep,) = [r for r in runs if r.data.tags.get("cleanloop.step") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweep.info.run_id]
+    assert sorted(r.data.tags["cleanloop.step"] for r in children) == ["compare", "cycle", "cycle"]
+    (pooled,) = [r for r in children if r.data.tags["cleanloop.step"] == "compare"]
+    assert len(pooled.data.tags["cleanloop.cleaned_runs"].split(",")) >= 2  # pooled over the seeds

@@ -111,6 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     flags, overrides = split_args(argv)
     sys.argv = [sys.argv[0], *flags, f"step={step}", f"hydra.job.name={step}", *overrides]
     app()
+    # Hydra only warns when a callback raises; a multirun whose summary failed must not exit 0.
+    from cleanloop.sweep import pop_errors
+
+    errors = pop_errors()
+    if errors:
+        print(f"cleanloop {step}: error: {'; '.join(errors)}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -26,35 +26,74 @@ log = logging.getLogger(__name__)
 HEADS = ("softmax", "sigmoid")
 
 
-def build_tiny(config: dict, out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Random-init SiglipVisionModel from ``config`` kwargs, saved with save_pretrained; returns its folder."""
-    from transformers import SiglipVisionConfig, SiglipVisionModel
+SIGLIP_TYPES = ("siglip", "siglip_vision_model")  # a full SigLIP checkpoint or its vision tower alone
 
-    out_dir = Path(out_dir) / f"siglip-{short_hash({'config': config, 'seed': seed})}"
+
+def build_tiny(config: dict, out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A random-init vision backbone from ``config`` kwargs, saved with save_pretrained; returns its folder.
+
+    ``config["model_type"]`` names the transformers architecture (default ``siglip_vision_model``;
+    e.g. ``resnet`` or ``convnext``); the other keys are its config's keyword arguments.
+    """
+    import tempfile
+
+    from transformers import AutoConfig, AutoModel
+
+    config = dict(config)
+    model_type = config.pop("model_type", "siglip_vision_model")
+    ident = {"config": config, "seed": seed} if model_type == "siglip_vision_model" else \
+        {"model_type": model_type, "config": config, "seed": seed}
+    prefix = "siglip" if model_type == "siglip_vision_model" else model_type
+    out_dir = Path(out_dir) / f"{prefix}-{short_hash(ident)}"
     if not (out_dir / "config.json").is_file():
         torch.manual_seed(seed)
-        model = SiglipVisionModel(SiglipVisionConfig(**config))
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        model = AutoModel.from_config(AutoConfig.for_model(model_type, **config))
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        # a unique temporary sibling, renamed into place: parallel jobs never write into one folder,
+        # and a crash mid-save never leaves a folder that looks complete
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         model.save_pretrained(tmp)
-        tmp.rename(out_dir)  # a crash mid-save never leaves a folder that looks complete
+        try:
+            tmp.rename(out_dir)
+        except OSError:  # another job published the same model first: theirs is identical
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
-def load_backbone(name_or_path: str | Path, *, attn_implementation: str | None = "sdpa") -> nn.Module:
-    """``SiglipVisionModel.from_pretrained`` on a hub id (e.g. google/medsiglip-448) or a local folder.
-
-    A full SigLIP checkpoint (vision + text) loads its vision tower only. Without network or
-    access the error says how to supply the weights.
-    """
-    from transformers import SiglipVisionModel
-
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+def _model_type(name_or_path: str | Path) -> str | None:
+    """The checkpoint's ``model_type`` from its config.json (local folder or hub), or None if unreadable."""
+    local = Path(str(name_or_path)) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text()).get("model_type")
     try:
-        return SiglipVisionModel.from_pretrained(str(name_or_path), **kwargs)
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(name_or_path)).model_type
+    except (OSError, ValueError):
+        return None
+
+
+def load_backbone(name_or_path: str | Path, *, attn_implementation: str | None = "sdpa") -> nn.Module:
+    """``from_pretrained`` on a hub id (e.g. google/medsiglip-448) or a local folder.
+
+    A SigLIP checkpoint (vision + text, or the vision tower alone) loads its vision tower only,
+    with ``attn_implementation``; any other transformers vision backbone (ResNet, ConvNeXt...)
+    loads with ``AutoModel``. Without network or access the error says how to supply the weights.
+    """
+    from transformers import AutoModel, SiglipVisionModel
+
+    model_type = _model_type(name_or_path)
+    try:
+        if model_type is None or model_type in SIGLIP_TYPES:
+            kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            return SiglipVisionModel.from_pretrained(str(name_or_path), **kwargs)
+        return AutoModel.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as e:
         if Path(str(name_or_path)).exists():
             raise CleanloopError(
-                f"model.name_or_path={name_or_path}: not a loadable SigLIP folder ({e.__class__.__name__}); "
+                f"model.name_or_path={name_or_path}: not a loadable backbone folder ({e.__class__.__name__}); "
                 "it needs config.json and model.safetensors from save_pretrained"
             ) from e
         raise CleanloopError(
@@ -62,6 +101,12 @@ def load_backbone(name_or_path: str | Path, *, attn_implementation: str | None =
             "reachable or access is not granted; run `huggingface-cli login` after accepting the model's "
             "licence on the hub, or download it once and set model.name_or_path=/path/to/local/folder"
         ) from e
+
+
+def embedding_width(backbone: nn.Module) -> int:
+    """The pooled embedding's width: ``hidden_size`` (ViT-style) or the last stage's (CNN-style)."""
+    config = backbone.config
+    return int(config.hidden_size if getattr(config, "hidden_sizes", None) is None else config.hidden_sizes[-1])
 
 
 def backbone_from_config(model_cfg, *, cache_dir: str | Path, seed: int) -> nn.Module:
@@ -87,7 +132,7 @@ def _takes_fused(factory: Callable) -> bool:
 
 
 class Classifier(L.LightningModule):
-    """Vision backbone -> pooled embedding -> linear head over K classes.
+    """Vision backbone (SigLIP, or a CNN such as ResNet) -> pooled embedding -> linear head over K classes.
 
     ``head="softmax"`` trains with cross-entropy; ``head="sigmoid"`` with one-vs-rest BCE (the
     team's deployed model). ``predict_step`` returns ``{"image_uuid": [...], "probs": (B, K)}``:
@@ -115,7 +160,7 @@ class Classifier(L.LightningModule):
         self.backbone = backbone
         self.classes = list(classes)
         self.head_kind = head
-        self.head = nn.Linear(backbone.config.hidden_size, len(self.classes))
+        self.head = nn.Linear(embedding_width(backbone), len(self.classes))
         # uint8 pixels are scaled and normalised here, on the model's device.
         self.register_buffer("mean", torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0,
                              persistent=False)
@@ -129,7 +174,7 @@ class Classifier(L.LightningModule):
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pooled backbone embedding of a uint8 (B, 3, S, S) batch (float input is taken as 0..255)."""
         x = (pixel_values.float() - self.mean) / self.std
-        return self.backbone(pixel_values=x).pooler_output
+        return self.backbone(pixel_values=x).pooler_output.flatten(1)  # CNNs pool to (B, C, 1, 1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(pixel_values))

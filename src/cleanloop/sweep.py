@@ -30,6 +30,35 @@ log = logging.getLogger(__name__)
 
 SEED_KEY = "recipe.seed"
 
+# Hydra turns an exception in a callback into a warning and still exits 0; the hooks record theirs
+# here and ``cleanloop.cli`` exits 1 with one line when the multirun returns (:func:`pop_errors`).
+_ERRORS: list[str] = []
+
+
+def _record(hook: str, e: BaseException) -> None:
+    first = (str(e).strip().splitlines() or [""])[0]
+    _ERRORS.append(f"{hook} failed ({type(e).__name__}: {first})" if first else f"{hook} failed ({type(e).__name__})")
+
+
+def pop_errors() -> list[str]:
+    """The sweep callback's failures since the last call (cleared)."""
+    errors = list(_ERRORS)
+    _ERRORS.clear()
+    return errors
+
+
+def job_config(cfg: DictConfig) -> DictConfig:
+    """A copy of the multirun config shaped like a job's: without the ``hydra`` node.
+
+    At the end of a multirun that node still holds per-job fields that no job filled in
+    (``hydra.job.num``, ``hydra.runtime.*``, with ``hydra.sweep.subdir: ${hydra.job.num}``), so
+    resolving the whole config (the run's logged params and config.yaml) would fail on them.
+    """
+    job_cfg = cfg.copy()
+    with open_dict(job_cfg):
+        job_cfg.pop("hydra", None)
+    return job_cfg
+
 
 def _option(overrides: list[str], common: set[str]) -> str:
     """The sweep point: the overrides that vary between jobs, less the seed (jobs differing only in
@@ -57,6 +86,21 @@ def collect_jobs(sweep_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def job_pairs(summaries: list[dict]) -> list[tuple[str, str]]:
+    """Every (baseline, cleaned) train run pair of an option's cycle jobs, each pair once.
+
+    A job with ``compare.seeds`` > 1 trained several pairs (``mlflow.train_pairs``); jobs that
+    share a seed reuse one cached baseline run, so a pair can appear twice across jobs.
+    """
+    pairs: list[tuple[str, str]] = []
+    for s in summaries:
+        runs = s["mlflow"]
+        for pair in runs.get("train_pairs") or [(runs["runs"]["train-baseline"], runs["runs"]["train-cleaned"])]:
+            if tuple(pair) not in pairs:
+                pairs.append(tuple(pair))
+    return pairs
+
+
 def summary_rows(cfg: DictConfig, jobs: pd.DataFrame, sweep_dir: Path) -> pd.DataFrame:
     """sweep_summary.csv: per option, delta balanced accuracy (all seeds pooled) and per-class recall deltas."""
     from cleanloop.steps import compare
@@ -66,11 +110,11 @@ def summary_rows(cfg: DictConfig, jobs: pd.DataFrame, sweep_dir: Path) -> pd.Dat
         done = [s for s in group["summary"] if s]
         row: dict = {"option": option, "jobs": " ".join(str(j) for j in group["job"]), "n_seeds": len(done)}
         if done and "delta" in done[0]:
-            runs = [s["mlflow"]["runs"] for s in done]
-            job_cfg = cfg.copy()
+            pairs = job_pairs(done)
+            job_cfg = job_config(cfg)
             with open_dict(job_cfg):
-                job_cfg.compare.baseline = [r["train-baseline"] for r in runs]
-                job_cfg.compare.cleaned = [r["train-cleaned"] for r in runs]
+                job_cfg.compare.baseline = [a for a, _ in pairs]
+                job_cfg.compare.cleaned = [b for _, b in pairs]
                 job_cfg.compare.issues = str(Path(done[0]["paths"]["label_issues"]).with_name("issues_per_class.csv"))
                 job_cfg.paths.out_dir = str(sweep_dir / "compare" / f"option-{len(out)}")
             try:
@@ -79,7 +123,9 @@ def summary_rows(cfg: DictConfig, jobs: pd.DataFrame, sweep_dir: Path) -> pd.Dat
                 log.warning("sweep: could not compare option %s: %s", option, e)
                 continue
             ba = pooled["balanced_accuracy"]
-            row.update({"delta_balanced_accuracy": ba["delta"], "ci_low": ba["ci_low"], "ci_high": ba["ci_high"],
+            row["n_seeds"] = pooled["n_seeds"]
+            row.update({"verdict": pooled["verdict"]["verdict"], "delta_balanced_accuracy": ba["delta"],
+                        "ci_low": ba["ci_low"], "ci_high": ba["ci_high"],
                         "delta_top1": pooled["top1"]["delta"],
                         "n_issues": sum(s["flag"]["n_issues"] for s in done) / len(done)})
             if "ground_truth" in done[0]["flag"]:
@@ -108,29 +154,47 @@ class SweepCallback(Callback):
         from cleanloop.tracking import SWEEP_PARENT_ENV, setup
 
         register_resolvers()
-        exp_id = setup(config.tracking)  # also creates the store once, before parallel jobs race to
-        step = config.get("step") or "sweep"
-        run = mlflow.MlflowClient().create_run(exp_id, run_name=f"sweep-{step}",
-                                               tags={"cleanloop.step": "sweep", "cleanloop.sweep_step": step})
+        try:
+            exp_id = setup(config.tracking)  # also creates the store once, before parallel jobs race to
+            step = config.get("step") or "sweep"
+            run = mlflow.MlflowClient().create_run(exp_id, run_name=f"sweep-{step}",
+                                                   tags={"cleanloop.step": "sweep", "cleanloop.sweep_step": step})
+        except Exception as e:
+            _record("sweep start", e)
+            raise
         os.environ[SWEEP_PARENT_ENV] = run.info.run_id
         log.info("sweep: MLflow parent run %s", run.info.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        import mlflow
-
-        from cleanloop.tracking import SWEEP_PARENT_ENV, metric_key
+        from cleanloop.tracking import SWEEP_PARENT_ENV
 
         run_id = os.environ.pop(SWEEP_PARENT_ENV, None)
         if run_id is None:
             return
         sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            self._summarise(config, run_id, sweep_dir)
+        except Exception as e:
+            _record(f"sweep summary for {sweep_dir}", e)
+            log.debug("sweep: on_multirun_end failed", exc_info=True)
+            raise
+
+    @staticmethod
+    def _summarise(config: DictConfig, run_id: str, sweep_dir: Path) -> None:
+        """sweep_summary.csv and the parent run's metrics; the parent run ends FINISHED or FAILED."""
+        import mlflow
+
+        from cleanloop.tracking import SWEEP_PARENT_ENV, metric_key
+
         client = mlflow.MlflowClient()
         status = "FINISHED"
         try:
             jobs = collect_jobs(sweep_dir)
             os.environ[SWEEP_PARENT_ENV] = run_id  # the pooled compare runs nest under the sweep too
-            table = summary_rows(config, jobs, sweep_dir)
-            os.environ.pop(SWEEP_PARENT_ENV, None)
+            try:
+                table = summary_rows(config, jobs, sweep_dir)
+            finally:
+                os.environ.pop(SWEEP_PARENT_ENV, None)
             path = write_csv(sweep_dir / "sweep_summary.csv", table)
             client.log_artifact(run_id, str(path))
             best = table.iloc[0] if len(table) else None

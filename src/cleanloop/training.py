@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cleanloop.config import short_hash
 from cleanloop.data import ManifestDataModule, set_memory_cache
+from cleanloop.errors import CleanloopError
 from cleanloop.imagecache import cache_from_config
 from cleanloop.model import Classifier, backbone_from_config
 
@@ -58,7 +60,9 @@ def recipe_hash(cfg: DictConfig, *, with_seed: bool = False) -> str:
     recipe = OmegaConf.to_container(cfg.recipe, resolve=True)
     if not with_seed:
         recipe.pop("seed", None)
-    return short_hash({"model": cfg.model, "recipe": recipe, "precision": cfg.trainer.precision})
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model.pop("compare_seeds", None)  # how many seed pairs compare pools, not how one model trains
+    return short_hash({"model": model, "recipe": recipe, "precision": cfg.trainer.precision})
 
 
 def build_module(cfg: DictConfig, classes: Sequence[str]) -> Classifier:
@@ -99,19 +103,71 @@ def make_datamodule(cfg: DictConfig, classes: Sequence[str], train: pd.DataFrame
 
 
 def make_trainer(cfg: DictConfig, *, callbacks: list | None = None, root_dir: str | None = None,
-                 validate: bool = False) -> L.Trainer:
+                 validate: bool = False, max_steps: int = -1) -> L.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if not validate:
         kwargs["limit_val_batches"] = 0
     return L.Trainer(
         **kwargs,
-        max_epochs=cfg.recipe.epochs,
+        max_epochs=cfg.recipe.epochs if max_steps < 0 else -1,  # a step budget replaces the epoch count
+        max_steps=max_steps,
         logger=False,  # cleanloop logs to MLflow itself, nested under the step's run
         enable_checkpointing=False,
         callbacks=callbacks or [],
         default_root_dir=root_dir,
         num_sanity_val_steps=0,
     )
+
+
+BUDGETS = ("epochs", "steps")
+CHECKPOINTS = ("last", "best_val")
+
+
+def steps_per_epoch(n_rows: int, *, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps in one pass over ``n_rows`` (each of ``world_size`` ranks gets ceil(N / W) rows;
+    the last batch is kept, not dropped)."""
+    return math.ceil(math.ceil(n_rows / max(1, world_size)) / batch_size)
+
+
+def step_budget(*, budget: str, epochs: int, n_rows: int, budget_rows: int | None, batch_size: int,
+                world_size: int = 1) -> int:
+    """``max_steps`` for the trainer: -1 (train ``epochs`` passes over ``n_rows``) or a fixed step count.
+
+    ``budget="steps"`` holds the optimizer steps of ``epochs`` passes over ``budget_rows`` rows (the
+    baseline's train set), so a cleaned run on fewer rows trains as many steps as its baseline, not
+    fewer: the two runs differ only in their rows. ``budget="epochs"`` keeps the epoch count, so a
+    smaller set gets fewer steps.
+    """
+    if budget not in BUDGETS:
+        raise CleanloopError(f"recipe.budget={budget!r}: choose {' or '.join(BUDGETS)}")
+    if budget == "epochs" or budget_rows is None or budget_rows == n_rows:
+        return -1
+    return epochs * steps_per_epoch(budget_rows, batch_size=batch_size, world_size=world_size)
+
+
+class BestValState(L.Callback):
+    """``recipe.checkpoint=best_val``: keep the weights of the epoch with the lowest ``val/loss`` and
+    load them when training ends. It reads only the validation loader, i.e. the manifest's ``val``
+    rows: the test split never chooses the model it judges."""
+
+    monitor = "val/loss"
+
+    def __init__(self):
+        self.best: float = math.inf
+        self.best_epoch: int | None = None
+        self.state: dict | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.monitor])
+        if value < self.best:
+            self.best, self.best_epoch = value, trainer.current_epoch
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.state is not None:
+            module.load_state_dict(self.state)
 
 
 class Predictions(NamedTuple):
@@ -198,15 +254,43 @@ def fit_predict(
     predict_frames: dict[str, pd.DataFrame] | None = None,
     val: pd.DataFrame | None = None,
     log_prefix: str = "",
+    budget_rows: int | None = None,
+    callbacks: list | None = None,
 ) -> tuple[Classifier, dict[str, Predictions]]:
-    """Train the recipe on ``train`` rows, then predict each of ``predict_frames``."""
+    """Train the recipe on ``train`` rows, then predict each of ``predict_frames``.
+
+    ``budget_rows``: the train-set size that sets the step budget under ``recipe.budget=steps``
+    (the baseline's rows, for a cleaned run); None = ``len(train)``. ``val`` rows are the only ones
+    ``recipe.checkpoint=best_val`` selects on. The module's ``fit_info`` records the budget, the steps
+    trained and the checkpoint evaluated.
+    """
     L.seed_everything(cfg.recipe.seed, workers=True, verbose=False)
     module = build_module(cfg, classes)
     module.train()  # from_pretrained hands back eval mode
     dm = make_datamodule(cfg, classes, train, val=val)
     has_val = val is not None and not val.empty
+    choice = cfg.recipe.get("checkpoint", "last")
+    if choice not in CHECKPOINTS:
+        raise CleanloopError(f"recipe.checkpoint={choice!r}: choose {' or '.join(CHECKPOINTS)}")
+    best = BestValState() if choice == "best_val" and has_val else None
+    if choice == "best_val" and not has_val:
+        log.warning("%srecipe.checkpoint=best_val but the manifest has no val rows: evaluating the last epoch",
+                    log_prefix)
+    budget = cfg.recipe.get("budget", "epochs")
+    all_callbacks = [EpochLog(log_prefix), *([best] if best else []), *(callbacks or [])]
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = make_trainer(cfg, callbacks=[EpochLog(log_prefix)], root_dir=tmp, validate=has_val)
+        trainer = make_trainer(cfg, callbacks=all_callbacks, root_dir=tmp, validate=has_val)
+        max_steps = step_budget(budget=budget, epochs=int(cfg.recipe.epochs), n_rows=len(train),
+                                budget_rows=budget_rows, batch_size=int(cfg.recipe.batch_size),
+                                world_size=trainer.world_size)
+        if max_steps > 0:
+            trainer = make_trainer(cfg, callbacks=all_callbacks, root_dir=tmp, validate=has_val, max_steps=max_steps)
         trainer.fit(module, datamodule=dm)
     module.eval()
+    module.fit_info = {
+        "budget": budget, "n_rows": int(len(train)), "budget_rows": int(budget_rows or len(train)),
+        "max_steps": max_steps, "steps": int(trainer.global_step), "epochs": int(trainer.current_epoch),
+        "checkpoint": "best_val" if best else "last",
+        "best_epoch": None if best is None or best.best_epoch is None else int(best.best_epoch) + 1,
+    }
     return module, predict(cfg, module, predict_frames or {})

@@ -24,6 +24,7 @@ from cleanloop.errors import CleanloopError
 from cleanloop.io import write_csv, write_json
 from cleanloop.steps.common import cached, out_path
 from cleanloop.tracking import log_artifact_files, metric_key, setup, step_run
+from cleanloop.verdict import decide, describe
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +226,13 @@ def _compare(cfg: DictConfig, pairs: list[tuple[str, str]], out_dir: Path) -> di
                             f"delta/{stat}/ci_high": s["ci_high"], f"baseline/{stat}": s["value_a"],
                             f"cleaned/{stat}": s["value_b"]})
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if pd.notna(v)})
+        decision = decide(boot["balanced_accuracy"], table, n_classes=int(cc.get("verdict_classes", 3)))
+        decision["text"] = describe(decision, confidence=float(cc.confidence), n_seeds=n_seeds, n_test=int(len(labels)))
+        mlflow.set_tags({"cleanloop.verdict": decision["verdict"], **{
+            f"cleanloop.verdict.{metric_key(c['class'])}": c["verdict"] for c in decision["top_issue_classes"]}})
         summary = {"run_id": run.info.run_id, "baseline_runs": baseline_ids, "cleaned_runs": cleaned_ids,
-                   "n_seeds": n_seeds, "n_test": int(len(labels)),
+                   "n_seeds": n_seeds, "n_test": int(len(labels)), "confidence": float(cc.confidence),
+                   "verdict": decision,
                    **{stat: {k: float(v) for k, v in boot[stat].items()} for stat in STATISTICS},
                    "recall": table.replace({np.nan: None}).to_dict(orient="records")}
         artifacts = [out_dir / "recall_deltas.csv", out_dir / "recall_deltas.png"]
@@ -248,6 +254,7 @@ def _compare(cfg: DictConfig, pairs: list[tuple[str, str]], out_dir: Path) -> di
         write_json(out_dir / "compare_summary.json", summary)
         log_artifact_files([*artifacts, out_dir / "compare_summary.json"])
     ba = boot["balanced_accuracy"]
+    log.info("compare: %s", decision["text"])
     log.info("compare: balanced accuracy %.4f -> %.4f (delta %+.4f, %.0f%% CI %+.4f..%+.4f) over %d seed pair(s) "
              "-> %s", ba["value_a"], ba["value_b"], ba["delta"], 100 * cc.confidence, ba["ci_low"], ba["ci_high"],
              n_seeds, out_path(cfg, "compare"))

@@ -67,11 +67,21 @@ def run(cfg: DictConfig) -> dict:
         flag_info = step("flag", lambda: flag.run(cfg))
         step("review", lambda: _review(cfg))
         prune_info = step("prune", lambda: prune.run(cfg))
-        for role in ("baseline", "cleaned"):
-            step(f"train-{role}", lambda role=role: train.run(_with(cfg, role=role)))
-        cmp = step("compare", lambda: compare.run(_with(cfg, **{"compare.baseline": run_ids["train-baseline"],
-                                                                  "compare.cleaned": run_ids["train-cleaned"]})))
-        baseline, cleaned = results["train-baseline"], results["train-cleaned"]
+        # compare.seeds pairs: seed s trains baseline and cleaned on the one cleaned manifest above;
+        # the first pair publishes to train/<role>/, the others to train/<role>/seed-<s>/.
+        seeds = [int(cfg.recipe.seed) + i for i in range(max(1, int(cfg.compare.get("seeds", 1))))]
+        pairs = []
+        for i, seed in enumerate(seeds):
+            suffix = "" if i == 0 else f"-seed{seed}"
+            for role in ("baseline", "cleaned"):
+                rcfg = _with(cfg, role=role, **{"recipe.seed": seed, "cleaned_manifest": prune_info["path"]})
+                publish = None if i == 0 else out_path(cfg, "train", role, f"seed-{seed}")
+                step(f"train-{role}{suffix}", lambda rcfg=rcfg, publish=publish: train.run(rcfg, publish_to=publish))
+            pairs.append((run_ids[f"train-baseline{suffix}"], run_ids[f"train-cleaned{suffix}"]))
+        cmp = step("compare", lambda: compare.run(_with(cfg, **{"compare.baseline": [a for a, _ in pairs],
+                                                                  "compare.cleaned": [b for _, b in pairs]})))
+        baseline = _mean_metrics([results[n] for n in results if n.startswith("train-baseline")])
+        cleaned = _mean_metrics([results[n] for n in results if n.startswith("train-cleaned")])
         host = "http://127.0.0.1:5000"
         flag_dir = out_path(cfg, "flag")
         summary = {
@@ -84,6 +94,8 @@ def run(cfg: DictConfig) -> dict:
             "baseline": {k: baseline[k] for k in ("top1", "balanced_accuracy", "f1_macro")},
             "cleaned": {k: cleaned[k] for k in ("top1", "balanced_accuracy", "f1_macro")},
             "delta": {s: cmp[s] for s in ("top1", "balanced_accuracy", "f1_macro")},
+            "verdict": cmp["verdict"],
+            "seeds": seeds, "n_test": cmp["n_test"], "confidence": cmp["confidence"],
             "recall": cmp["recall"],
             "paths": {
                 "oof_probs": str(out_path(cfg, "oof", "oof_probs.parquet")),
@@ -98,7 +110,7 @@ def run(cfg: DictConfig) -> dict:
             },
             "mlflow": {
                 "tracking_uri": mlflow.get_tracking_uri(), "experiment_id": exp_id, "cycle_run": parent.info.run_id,
-                "runs": run_ids, "runs_page": runs_page_url(host, exp_id),
+                "runs": run_ids, "train_pairs": [list(p) for p in pairs], "runs_page": runs_page_url(host, exp_id),
                 "compare_view": compare_runs_url(host, exp_id, [run_ids["train-baseline"], run_ids["train-cleaned"]]),
             },
             "reused": sorted(name for name, info in results.items() if info.get("reused")),
@@ -110,8 +122,14 @@ def run(cfg: DictConfig) -> dict:
         d = summary["delta"]
         mlflow.log_metrics({"delta/top1": d["top1"]["delta"], "delta/balanced_accuracy": d["balanced_accuracy"]["delta"],
                             "flag/n_issues": summary["flag"]["n_issues"]})
+        mlflow.set_tag("cleanloop.verdict", summary["verdict"]["verdict"])
     print(format_summary(summary), flush=True)
     return summary
+
+
+def _mean_metrics(runs: list[dict]) -> dict:
+    """Headline test metrics averaged over a role's seeds."""
+    return {k: sum(r[k] for r in runs) / len(runs) for k in ("top1", "balanced_accuracy", "f1_macro")}
 
 
 def _pts(x: float) -> str:
@@ -131,6 +149,7 @@ def format_summary(s: dict) -> str:
     lines.append(flagged)
     lines.append(f"  pruned    {s['prune']['n_train_before'] - s['prune']['n_train_after']} train rows "
                  f"-> {s['paths']['cleaned_manifest']}")
+    lines.append(f"  verdict   {s['verdict']['text']}")
     for name, key in (("balanced accuracy", "balanced_accuracy"), ("top-1", "top1")):
         x = d[key]
         lines.append(f"  {name:<17} {x['value_a']:.3f} -> {x['value_b']:.3f}  ({_pts(x['delta'])} pts, "

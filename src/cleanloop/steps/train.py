@@ -54,13 +54,24 @@ def probs_frame(uuids: list[str], labels: list[str], probs: np.ndarray, classes:
 TRAIN_FILES = ["metrics.json", "test_predictions.parquet", "model"]
 
 
-def run(cfg: DictConfig) -> dict:
-    """Train one role (cached by key: recipe with seed, the manifest trained on, trainer); returns metrics."""
+def run(cfg: DictConfig, *, publish_to: Path | None = None) -> dict:
+    """Train one role (cached by key: recipe with seed, the manifest trained on, trainer); returns metrics.
+
+    The outputs are published to ``train/<role>/`` in ``paths.out_dir``, or to ``publish_to``
+    (``cycle`` puts its extra seed pairs under ``train/<role>/seed-<s>/``).
+    """
     role = cfg.role
     if role not in ROLES:
         raise CleanloopError(f"role={role!r}: must be one of {', '.join(ROLES)}")
     source = load_input(cfg)
-    path = source.source if role == "baseline" else cleaned_manifest_path(cfg, source)
+    if role == "baseline":
+        path = source.source
+    elif cfg.get("cleaned_manifest"):
+        path = Path(str(cfg.cleaned_manifest))
+        if not path.is_file():
+            raise CleanloopError(f"cleaned_manifest={path}: not found; run `cleanloop prune` or point at its output")
+    else:
+        path = cleaned_manifest_path(cfg, source)
     m = source if role == "baseline" else load_input(cfg, path)
     test = m.split("test")
     if test.empty:
@@ -69,7 +80,7 @@ def run(cfg: DictConfig) -> dict:
                       "source": file_hash(source.source), "classes": source.classes,
                       "trainer": OmegaConf.to_container(cfg.trainer, resolve=True)})
     info = cached(cfg, f"train-{role}", key, lambda d: _train(cfg, role, source, m, path, d),
-                  publish_to=out_path(cfg, "train", role), names=TRAIN_FILES)
+                  publish_to=publish_to or out_path(cfg, "train", role), names=TRAIN_FILES)
     return info
 
 
@@ -87,13 +98,18 @@ def _train(cfg: DictConfig, role: str, source, m, path: Path, out_dir: Path) -> 
     with step_run(cfg, "train", run_name=f"train-{role}", tags=tags) as run:
         log.info("train %s: %d train rows, %d val, %d test, %d classes (%s)",
                  role, len(m.train), len(val), len(test), len(classes), path)
+        # The step budget is the baseline's: both roles train as long, whatever the cleaned set's size.
         module, preds = fit_predict(cfg, classes, m.train, predict_frames={"test": test}, val=val,
-                                    log_prefix=f"[{role}] ")
+                                    log_prefix=f"[{role}] ", budget_rows=len(source.train))
+        fit = module.fit_info
+        mlflow.log_params({f"fit/{k}": v for k, v in fit.items()})
+        mlflow.set_tags({"cleanloop.budget": fit["budget"], "cleanloop.checkpoint": fit["checkpoint"]})
         uuids, probs, _ = preds["test"]
         labels = test["label"].tolist()
         index = {c: i for i, c in enumerate(classes)}
         metrics = classification_metrics(np.array([index[c] for c in labels]), probs.argmax(1), classes=classes)
-        metrics = {"role": role, "run_id": run.info.run_id, "classes": classes, **metrics}
+        metrics = {"role": role, "run_id": run.info.run_id, "seed": int(cfg.recipe.seed), "classes": classes,
+                   "fit": fit, **metrics}
         write_json(out_dir / "metrics.json", metrics)
         write_atomic(out_dir / "test_predictions.parquet",
                      lambda p: probs_frame(uuids, labels, probs, classes).to_parquet(p, index=False))
