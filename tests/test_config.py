@@ -10,7 +10,7 @@ from cleanloop.config import conf_dir
 
 GROUPS = {
     "data": ["demo", "manifest"],
-    "model": ["tiny", "medsiglip"],
+    "model": ["tiny", "medsiglip", "cnn"],
     "trainer": ["cpu", "gpu", "ddp"],
     "recipe": ["default"],
     "tracking": ["mlflow"],

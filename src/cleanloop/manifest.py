@@ -20,6 +20,8 @@ from cleanloop.errors import CleanloopError
 
 REQUIRED_COLUMNS = ("image_uuid", "path", "label", "split")
 SPLITS = ("train", "val", "test")
+BLANK = ("", "nan", "None")  # what an empty cell reads as (CSV, or a Parquet null turned into text)
+MISSING_GROUP = ("error", "own")  # data.missing_group: what a partly blank `group` column means
 _MAX_LISTED = 10  # how many offending values an error message lists
 
 # What MLflow accepts in a metric key on every platform: letters and digits of any script, "_",
@@ -47,6 +49,11 @@ def _rows(df: pd.DataFrame, mask: pd.Series, fmt: str) -> str:
     if fmt == "csv":
         return "line " + ", ".join(str(i + 2) for i in idx)
     return "row " + ", ".join(str(i) for i in idx)
+
+
+def blank(values: pd.Series) -> pd.Series:
+    """Which cells are empty (CONTRACT §2): ``""``, ``"nan"`` or ``"None"`` once stripped."""
+    return values.astype(str).str.strip().isin(BLANK)
 
 
 def _listed(values: Sequence) -> str:
@@ -92,6 +99,7 @@ def validate(
     classes: Sequence[str] | None = None,
     min_train_per_class: int | None = None,
     min_train_hint: str = "oof.n_folds",
+    missing_group: str | None = None,
 ) -> None:
     """Check a manifest against CONTRACT §2 and §6; raise CleanloopError on the first problem.
 
@@ -102,6 +110,8 @@ def validate(
     fmt : ``"csv"`` (messages give line numbers) or ``"parquet"`` (0-based rows).
     classes : the fixed class order, if configured; every train label must be in it.
     min_train_per_class : each class needs at least this many train rows (e.g. the fold count).
+    missing_group : for a step that makes folds, ``data.missing_group`` (see :func:`check_groups`);
+        None skips the group check (a step that makes no folds).
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
@@ -112,7 +122,7 @@ def validate(
     if df.empty:
         raise CleanloopError(f"{source}: the manifest has no rows")
     for col in REQUIRED_COLUMNS:
-        empty = df[col].astype(str).str.strip().isin(["", "nan", "None"])
+        empty = blank(df[col])
         if empty.any():
             raise CleanloopError(
                 f"{source}: empty {col!r} at {_rows(df, empty, fmt)} ({int(empty.sum())} rows); fill it in or drop the rows"
@@ -172,6 +182,36 @@ def validate(
                 f"{source}: class {name!r} has {n} train row(s), fewer than {min_train_hint}={min_train_per_class} "
                 f"({len(small)} such class(es)); add rows, merge the class, or lower {min_train_hint}"
             )
+    if missing_group is not None:
+        check_groups(df, source=source, fmt=fmt, missing_group=missing_group)
+
+
+def check_groups(df: pd.DataFrame, *, source: str = "manifest", fmt: str = "csv", missing_group: str = "error") -> int:
+    """The train rows whose ``group`` is blank while other train rows have one; returns their count.
+
+    Folds keep the rows of a group together (CONTRACT §2). A ``group`` column that is absent or
+    blank in every train row means ungrouped folds (0 returned). Blank in some rows only is an
+    error naming the first of them, unless ``missing_group="own"``: then each such row becomes
+    its own group and the count is returned (the oof step logs it as a warning).
+    """
+    if missing_group not in MISSING_GROUP:
+        raise CleanloopError(f"data.missing_group={missing_group!r}: choose {' or '.join(MISSING_GROUP)}")
+    if "group" not in df.columns:
+        return 0
+    train = df["split"] == "train"
+    empty = train & blank(df["group"])
+    n_empty, n_train = int(empty.sum()), int(train.sum())
+    if n_empty == 0 or n_empty == n_train:
+        return 0
+    if missing_group == "error":
+        first = [f"{u!r} at {_rows(df, df.index == i, fmt)}"
+                 for i, u in zip(df.index[empty][:3], df.loc[empty, "image_uuid"][:3], strict=True)]
+        raise CleanloopError(
+            f"{source}: column 'group' is blank in {n_empty} of {n_train} train rows but filled in the others "
+            f"(first: {', '.join(first)}); fill in their group, or set data.missing_group=own to make each blank "
+            "row its own group"
+        )
+    return n_empty
 
 
 def class_order(df: pd.DataFrame, classes: Sequence[str] | None = None) -> list[str]:
@@ -220,8 +260,11 @@ def load_manifest(
     min_train_per_class: int | None = None,
     min_train_hint: str = "oof.n_folds",
     check_files: bool = True,
+    missing_group: str | None = None,
 ) -> Manifest:
-    """Read, validate and resolve a manifest; with ``check_files`` every image must exist."""
+    """Read, validate and resolve a manifest; with ``check_files`` every image must exist.
+
+    ``missing_group``: check the ``group`` column for fold making (:func:`check_groups`); None skips it."""
     path = Path(path)
     df = read_manifest(path)
     fmt = "parquet" if path.suffix.lower() == ".parquet" else "csv"
@@ -232,6 +275,7 @@ def load_manifest(
         classes=classes,
         min_train_per_class=min_train_per_class,
         min_train_hint=min_train_hint,
+        missing_group=missing_group,
     )
     df = df.copy()
     df["abs_path"] = resolve_paths(df["path"], base_dir=Path(image_root or path.parent).resolve())

@@ -1,8 +1,12 @@
 """The OOF probabilities file (CONTRACT §3 ``oof/oof_probs.parquet``): write it, read it, check it.
 
 Columns: ``image_uuid, label, fold`` and one float column per class. The class order, the head
-(softmax / sigmoid) and how the probabilities were made live in the Parquet schema metadata
-under the key ``cleanloop``, so a reader never has to guess.
+(softmax / sigmoid), how the probabilities and the folds were made live in the Parquet schema
+metadata under the key ``cleanloop``, so a reader never has to guess.
+
+Beside it, ``embeddings.npy`` (float16, one row per train row) and ``embedding_ids.parquet``
+(its rows' ``image_uuid``, same order): ``flag`` matches the two by image_uuid, never by
+row order alone.
 """
 
 from __future__ import annotations
@@ -43,6 +47,74 @@ def write_oof(path: str | Path, df: pd.DataFrame, *, classes: list[str], **meta)
     payload = json.dumps({"classes": list(classes), **meta}).encode()
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: payload})
     return write_atomic(path, lambda p: pq.write_table(table, p))
+
+
+EMBEDDINGS = "embeddings.npy"
+EMBEDDING_IDS = "embedding_ids.parquet"
+EMBEDDING_FILES = [EMBEDDINGS, EMBEDDING_IDS]
+
+
+def write_embeddings(folder: str | Path, emb: np.ndarray, uuids) -> None:
+    """``embeddings.npy`` (float16) and ``embedding_ids.parquet`` (``image_uuid`` of each row), atomically."""
+    uuids = [str(u) for u in uuids]
+    if len(uuids) != len(emb):
+        raise ValueError(f"{len(uuids)} image_uuids for {len(emb)} embedding rows")
+    folder = Path(folder)
+
+    def save_npy(p: Path) -> None:
+        with open(p, "wb") as f:  # a file object: np.save(path) would append ".npy" to the temp name
+            np.save(f, np.asarray(emb).astype(np.float16))
+
+    write_atomic(folder / EMBEDDINGS, save_npy)
+    ids = pa.table({"image_uuid": pa.array(uuids, type=pa.string())})
+    write_atomic(folder / EMBEDDING_IDS, lambda p: pq.write_table(ids, p))
+
+
+def load_embeddings(oof_path: str | Path, *, train_uuids, file_rows: np.ndarray) -> np.ndarray | None:
+    """The embeddings beside an OOF file, as float32 rows in ``train_uuids`` order; None when absent.
+
+    With ``embedding_ids.parquet`` the rows are matched by image_uuid (another order is fine);
+    ids that are not exactly the train rows are an error: the folder mixes the outputs of two
+    runs, and the outlier score (hence what ``prune`` drops) must not rest on the wrong rows.
+    Without the ids (an OOF folder made before they were written) the rows are matched by the
+    file's row order (``file_rows``), with a warning.
+    """
+    path = Path(oof_path).with_name(EMBEDDINGS)
+    if not path.is_file():
+        return None
+    try:
+        emb = np.load(path)
+    except Exception as e:
+        raise CleanloopError(f"{path}: cannot read embeddings ({type(e).__name__}: {e}); re-run `cleanloop oof`") from e
+    ids_path = path.with_name(EMBEDDING_IDS)
+    if not ids_path.is_file():
+        if len(emb) != len(file_rows):
+            log.warning("%s: %d rows for %d OOF rows and no %s; outliers from pred_probs instead",
+                        path, len(emb), len(file_rows), EMBEDDING_IDS)
+            return None
+        log.warning("%s: no %s beside it, so its rows are matched to %s by row order; re-run `cleanloop oof` to "
+                    "record them", path, EMBEDDING_IDS, Path(oof_path).name)
+        return emb[file_rows].astype(np.float32)
+    try:
+        ids = pd.read_parquet(ids_path, columns=["image_uuid"])["image_uuid"].astype(str)
+    except Exception as e:
+        raise CleanloopError(f"{ids_path}: cannot read embedding ids ({type(e).__name__}: {e}); "
+                             "re-run `cleanloop oof`") from e
+    if len(ids) != len(emb) or ids.duplicated().any():
+        raise CleanloopError(f"{ids_path}: {len(ids)} image_uuids ({ids.nunique()} distinct) for the {len(emb)} rows "
+                             f"of {path.name}; re-run `cleanloop oof`")
+    train_uuids = [str(u) for u in train_uuids]
+    want, have = set(train_uuids), set(ids)
+    if want != have:
+        missing, extra = sorted(want - have), sorted(have - want)
+        raise CleanloopError(
+            f"{path}: its rows ({ids_path.name}) are not the train rows of {Path(oof_path).name}: "
+            f"{len(missing)} missing" + (f" (e.g. {missing[:3]})" if missing else "")
+            + f", {len(extra)} unknown" + (f" (e.g. {extra[:3]})" if extra else "")
+            + "; they come from another run: re-run `cleanloop oof`, or set flag.outlier.enabled=false"
+        )
+    position = pd.Series(np.arange(len(ids)), index=ids.to_numpy())
+    return emb[position.loc[train_uuids].to_numpy()].astype(np.float32)
 
 
 def read_meta(path: str | Path) -> dict:

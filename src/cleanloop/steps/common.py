@@ -31,17 +31,20 @@ def input_manifest_path(cfg: DictConfig) -> Path:
 
 
 def load_input(cfg: DictConfig, path: str | Path | None = None, *, min_train_per_class: int | None = None,
-               min_train_hint: str = "oof.n_folds") -> Manifest:
+               min_train_hint: str = "oof.n_folds", groups: bool = False) -> Manifest:
     """The input manifest, or a derived one (``path``, e.g. the cleaned manifest).
 
     A derived manifest keeps the input's relative paths, so they resolve where the input's do:
-    ``data.image_root`` or the input manifest's folder.
+    ``data.image_root`` or the input manifest's folder. ``groups``: the step makes folds, so a
+    ``group`` column blank in some train rows only is refused unless ``data.missing_group=own``.
     """
     source = input_manifest_path(cfg)
     image_root = cfg.data.get("image_root") or source.parent
     classes = list(cfg.data.classes) if cfg.data.get("classes") else None
+    missing_group = str(cfg.data.get("missing_group") or "error") if groups else None
     m = load_manifest(Path(path) if path is not None else source, image_root=image_root, classes=classes,
-                      min_train_per_class=min_train_per_class, min_train_hint=min_train_hint)
+                      min_train_per_class=min_train_per_class, min_train_hint=min_train_hint,
+                      missing_group=missing_group)
     source_m = m if path is None else load_manifest(source, image_root=image_root, classes=classes)
     return _apply_bad_image_policy(cfg, m, _bad_images(cfg, source_m))
 
@@ -137,7 +140,8 @@ def cached(cfg: DictConfig, step: str, key: str, build: Callable[[Path], dict], 
     return {**info, "key": key, "reused": reused, "dir": str(entry.dir)}
 
 
-# Steps that read the input manifest, and whether they need oof.n_folds train rows per class.
+# Steps that read the input manifest, and whether they make folds (oof.n_folds train rows per class,
+# and a `group` column that is filled in everywhere or nowhere unless data.missing_group=own).
 _READS_MANIFEST = {"cache": False, "oof": True, "cycle": True, "flag": False, "prune": False, "review": False, "train": False}
 
 
@@ -148,4 +152,4 @@ def preflight(step: str, cfg: DictConfig) -> None:
     if step not in _READS_MANIFEST:
         return
     folds = _READS_MANIFEST[step] and cfg.get("oof") is not None and cfg.oof.get("method") != "insample"
-    load_input(cfg, min_train_per_class=int(cfg.oof.n_folds) if folds else None)
+    load_input(cfg, min_train_per_class=int(cfg.oof.n_folds) if folds else None, groups=folds)

@@ -17,25 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from cleanloop.config import file_hash, short_hash
 from cleanloop.io import write_csv, write_json
-from cleanloop.oof_file import load_oof
+from cleanloop.oof_file import EMBEDDING_IDS, EMBEDDINGS, load_embeddings, load_oof
 from cleanloop.steps.common import cached, load_input, out_path, step_cache
 
 # cleanlab (cleanloop.cleaning, cleanloop.flagcore) and MLflow (cleanloop.tracking) load in _flag,
 # once the OOF file has passed its checks: a wrong OOF file is refused in ~2 s, not ~7 s.
 
 log = logging.getLogger(__name__)
-
-
-def _embeddings(oof_path: Path, file_rows: np.ndarray) -> np.ndarray | None:
-    """Backbone embeddings written by ``oof`` beside its parquet, in the manifest's train order."""
-    path = oof_path.with_name("embeddings.npy")
-    if not path.is_file():
-        return None
-    emb = np.load(path).astype(np.float32)
-    if len(emb) <= int(file_rows.max()):
-        log.warning("flag: %s does not match %s; outliers from pred_probs instead", path, oof_path)
-        return None
-    return emb[file_rows]
 
 
 def _baseline_test_metrics(data_hash: str) -> pd.Series | None:
@@ -77,11 +65,14 @@ def oof_input(cfg: DictConfig, m) -> Path:
 
 def flag_key(cfg: DictConfig, m, oof_path: Path) -> str:
     """The OOF file's content (and its embeddings), the manifest and the flag options."""
-    emb = oof_path.with_name("embeddings.npy")
+    emb, ids = oof_path.with_name(EMBEDDINGS), oof_path.with_name(EMBEDDING_IDS)
     options = {k: v for k, v in OmegaConf.to_container(cfg.flag, resolve=True).items() if k != "oof"}
-    return short_hash({"oof": file_hash(oof_path) if oof_path.is_file() else str(oof_path),
-                       "embeddings": file_hash(emb) if emb.is_file() else None, "data": file_hash(m.source),
-                       "classes": m.classes, "head": cfg.recipe.head, "flag": options})
+    parts = {"oof": file_hash(oof_path) if oof_path.is_file() else str(oof_path),
+             "embeddings": file_hash(emb) if emb.is_file() else None, "data": file_hash(m.source),
+             "classes": m.classes, "head": cfg.recipe.head, "flag": options}
+    if ids.is_file():  # only when present, so the keys of OOF folders without ids stay as they were
+        parts["embedding_ids"] = file_hash(ids)
+    return short_hash(parts)
 
 
 def issues_output(cfg: DictConfig, m) -> Path:
@@ -124,15 +115,19 @@ def _flag(cfg: DictConfig, m, oof_path: Path, out_dir: Path, key: str) -> dict:
     normalised = sigmoid or oof.n_normalised > 0
     tags = {"cleanloop.data": data_hash, "cleanloop.oof_key": str(oof.meta.get("key", "external")),
             "cleanloop.in_sample": str(oof.meta.get("method") == "insample").lower(),
-            "cleanloop.normalised_rows": str(normalised).lower(), "cleanloop.flag_key": key}
+            "cleanloop.normalised_rows": str(normalised).lower(), "cleanloop.flag_key": key,
+            "cleanloop.folds": str(oof.meta.get("folds", "unknown"))}
     fc = cfg.flag
+    # matched to the train rows by image_uuid; refused before the run opens when they are other rows
+    emb = load_embeddings(oof_path, train_uuids=train["image_uuid"], file_rows=oof.file_rows) \
+        if fc.outlier.enabled else None
+    tags["cleanloop.outliers"] = "off" if not fc.outlier.enabled else "embeddings" if emb is not None else "pred_probs"
     with step_run(cfg, "flag", tags=tags) as run:
         if sigmoid:
             log.info("flag: sigmoid head: each pred_probs row normalised to sum to one before cleanlab")
         found = find_issues(labels, pred_probs, filter_by=fc.filter_by, frac_noise=fc.frac_noise,
                             min_examples_per_class=fc.min_examples_per_class, n_jobs=fc.n_jobs, rank_by=fc.rank_by,
                             batched=fc.get("batched"))
-        emb = _embeddings(oof_path, oof.file_rows) if fc.outlier.enabled else None
         if not fc.outlier.enabled:
             scores = np.zeros(len(train))
         elif emb is not None:

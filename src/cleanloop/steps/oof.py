@@ -23,11 +23,10 @@ from omegaconf import DictConfig
 
 from cleanloop.config import file_hash, short_hash
 from cleanloop.errors import CleanloopError
-from cleanloop.folds import assign_folds
-from cleanloop.io import write_atomic
+from cleanloop.folds import FoldGroups, assign_folds, fold_groups, n_partly_blank
 from cleanloop.metrics import classification_metrics
 from cleanloop.model import Classifier, backbone_from_config
-from cleanloop.oof_file import oof_frame, read_meta, write_oof
+from cleanloop.oof_file import EMBEDDING_FILES, oof_frame, read_meta, write_embeddings, write_oof
 from cleanloop.steps.common import cached, load_input, out_path
 from cleanloop.tracking import step_run
 from cleanloop.training import fit_predict, predict, recipe_hash
@@ -35,14 +34,21 @@ from cleanloop.training import fit_predict, predict, recipe_hash
 log = logging.getLogger(__name__)
 
 
-def oof_key(cfg: DictConfig, manifest_hash: str, classes: list[str]) -> str:
-    """Everything that changes the OOF probabilities: data, classes, model, recipe, folds."""
+def oof_key(cfg: DictConfig, manifest_hash: str, classes: list[str], *, own_groups: bool = False) -> str:
+    """Everything that changes the OOF probabilities: data, classes, model, recipe, folds.
+
+    ``own_groups``: blank ``group`` cells were made their own groups (data.missing_group=own); only
+    then is it part of the key, so keys made before the option existed stay the same.
+    """
     insample = cfg.oof.method == "insample"
     embed = {"C": cfg.oof.C, "max_iter": cfg.oof.max_iter} if cfg.oof.method == "embed" else None
-    return short_hash({"data": manifest_hash, "classes": classes, "recipe": recipe_hash(cfg, with_seed=True),
-                       "method": cfg.oof.method, "n_folds": None if insample else cfg.oof.n_folds,
-                       "seed": None if insample else cfg.oof.seed, "embed": embed,
-                       "checkpoint": checkpoint_identity(cfg.oof.get("checkpoint"))})
+    parts = {"data": manifest_hash, "classes": classes, "recipe": recipe_hash(cfg, with_seed=True),
+             "method": cfg.oof.method, "n_folds": None if insample else cfg.oof.n_folds,
+             "seed": None if insample else cfg.oof.seed, "embed": embed,
+             "checkpoint": checkpoint_identity(cfg.oof.get("checkpoint"))}
+    if own_groups and not insample:
+        parts["missing_group"] = "own"
+    return short_hash(parts)
 
 
 def _save_fold(path: Path, uuids: list[str], probs: np.ndarray, *, key: str, fold: int) -> None:
@@ -63,19 +69,30 @@ def _heldout_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str]) 
     return {"top1": m["top1"], "balanced_accuracy": m["balanced_accuracy"]}
 
 
-def _folds(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray) -> np.ndarray:
-    groups = train["group"].to_numpy() if "group" in train.columns and (train["group"] != "").all() else None
-    folds = assign_folds(labels, n_folds=cfg.oof.n_folds, seed=cfg.oof.seed, groups=groups)
-    log.info("oof: %d train rows in %d folds (%s)", len(train), cfg.oof.n_folds,
-             "StratifiedGroupKFold on group" if groups is not None else "StratifiedKFold")
+def _missing_group(cfg: DictConfig) -> str:
+    return str(cfg.data.get("missing_group") or "error")
+
+
+def _fold_groups(cfg: DictConfig, train: pd.DataFrame) -> FoldGroups:
+    """What the folds group by (CONTRACT §2 ``group``); blank rows made their own groups are a warning."""
+    plan = fold_groups(train["group"] if "group" in train.columns else None, missing_group=_missing_group(cfg))
+    if plan.n_own:
+        log.warning("oof: data.missing_group=own: %d of %d train rows have a blank group; each is its own group, so "
+                    "those rows may share folds with other images of their patient", plan.n_own, len(train))
+    return plan
+
+
+def _folds(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, plan: FoldGroups) -> np.ndarray:
+    folds = assign_folds(labels, n_folds=cfg.oof.n_folds, seed=cfg.oof.seed, groups=plan.groups)
+    log.info("oof: %d train rows in %d folds (%s)", len(train), cfg.oof.n_folds, plan.description)
     return folds
 
 
 SMALL_FIT = 2_000_000  # embedding values under which oof=embed fits its heads on one BLAS thread
 
 
-def _embed(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: list[str]
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _embed(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: list[str], plan: FoldGroups
+           ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
     """oof=embed: frozen-backbone embeddings once, then a logistic-regression head per fold.
 
     The same grouped folds and output as oof=kfold at a fraction of the cost; its quality rests
@@ -87,10 +104,11 @@ def _embed(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: li
     from threadpoolctl import threadpool_limits
 
     if cfg.oof.get("checkpoint"):
-        emb = predict(cfg, _load_checkpoint(cfg, classes), {"train": train})["train"].embeddings
+        pred = predict(cfg, _load_checkpoint(cfg, classes), {"train": train})["train"]
+        emb_ids, emb = pred.uuids, pred.embeddings
     else:
-        emb = _backbone_embeddings(cfg, train, classes)
-    folds = _folds(cfg, train, labels)
+        emb_ids, emb = _backbone_embeddings(cfg, train, classes)
+    folds = _folds(cfg, train, labels, plan)
     probs = np.zeros((len(train), len(classes)), dtype=np.float32)
     for k in range(cfg.oof.n_folds):
         held = folds == k
@@ -107,13 +125,13 @@ def _embed(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: li
             mlflow.log_metrics({f"heldout/{m}": v for m, v in metrics.items()})
         log.info("oof: fold %d/%d head fitted, held-out top1 (vs given labels) %.3f", k + 1, cfg.oof.n_folds,
                  metrics["top1"])
-    return probs, folds, emb
+    return probs, folds, list(emb_ids), emb
 
 
 def _kfold(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: list[str], key: str,
-           out_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+           out_dir: Path, plan: FoldGroups) -> tuple[np.ndarray, np.ndarray]:
     n_folds = cfg.oof.n_folds
-    folds = _folds(cfg, train, labels)
+    folds = _folds(cfg, train, labels, plan)
     probs = np.zeros((len(train), len(classes)), dtype=np.float32)
     for k in range(n_folds):
         held = folds == k
@@ -140,15 +158,16 @@ def _kfold(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: li
     return probs, folds
 
 
-def _backbone_embeddings(cfg: DictConfig, train: pd.DataFrame, classes: list[str]) -> np.ndarray:
-    """Pooled embeddings of the train rows from the backbone as loaded, before any fine-tuning.
+def _backbone_embeddings(cfg: DictConfig, train: pd.DataFrame, classes: list[str]) -> tuple[list[str], np.ndarray]:
+    """The train rows' image_uuids and pooled embeddings from the backbone as loaded, before any fine-tuning.
 
     One space for all rows (per-fold models each have their own) and never fitted to these
     labels: what cleanlab's kNN outlier score needs to put garbage images on top.
     """
     model = Classifier(backbone_from_config(cfg.model, cache_dir=cfg.paths.cache_dir, seed=cfg.recipe.seed),
                        classes, image_mean=list(cfg.model.image_mean), image_std=list(cfg.model.image_std))
-    return predict(cfg, model.eval(), {"train": train})["train"].embeddings
+    pred = predict(cfg, model.eval(), {"train": train})["train"]
+    return list(pred.uuids), pred.embeddings
 
 
 def _load_checkpoint(cfg: DictConfig, classes: list[str]) -> Classifier:
@@ -170,11 +189,6 @@ def _load_checkpoint(cfg: DictConfig, classes: list[str]) -> Classifier:
     return model.eval()
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save(path) would append ".npy" to the temp name
-        np.save(f, arr)
-
-
 def checkpoint_identity(checkpoint) -> str | None:
     """A content hash of the checkpoint's weight files, so a retrained checkpoint is a new key."""
     if not checkpoint:
@@ -185,7 +199,8 @@ def checkpoint_identity(checkpoint) -> str | None:
 
 
 def oof_key_for(cfg: DictConfig, m) -> str:
-    return oof_key(cfg, file_hash(m.source), m.classes)
+    own = _missing_group(cfg) == "own" and "group" in m.train.columns and n_partly_blank(m.train["group"]) > 0
+    return oof_key(cfg, file_hash(m.source), m.classes, own_groups=own)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -193,39 +208,44 @@ def run(cfg: DictConfig) -> dict:
     method = cfg.oof.method
     if method not in ("kfold", "embed", "insample"):
         raise CleanloopError(f"oof.method={method!r}: choose oof=kfold, oof=embed or oof=insample")
-    m = load_input(cfg, min_train_per_class=cfg.oof.n_folds if method != "insample" else None)
+    makes_folds = method != "insample"
+    m = load_input(cfg, min_train_per_class=cfg.oof.n_folds if makes_folds else None, groups=makes_folds)
     train, classes = m.train.reset_index(drop=True), m.classes
     labels = m.label_indices(train)
     manifest_hash = file_hash(m.source)
-    key = oof_key(cfg, manifest_hash, classes)
+    plan = _fold_groups(cfg, train) if makes_folds else None
+    folds_made = plan.description if plan is not None else "none (in-sample)"
+    key = oof_key(cfg, manifest_hash, classes, own_groups=bool(plan and plan.n_own))
     tags = {"cleanloop.oof": method, "cleanloop.data": manifest_hash, "cleanloop.recipe": recipe_hash(cfg),
-            "cleanloop.oof_key": key, "cleanloop.in_sample": str(method == "insample").lower()}
+            "cleanloop.oof_key": key, "cleanloop.in_sample": str(method == "insample").lower(),
+            "cleanloop.folds": folds_made}
 
     def build(out_dir: Path) -> dict:
         t0 = time.time()
         head = cfg.recipe.head
         with step_run(cfg, "oof", run_name=f"oof-{method}", tags=tags) as run:
             if method == "kfold":
-                probs, folds = _kfold(cfg, train, labels, classes, key, out_dir)
-                emb = _backbone_embeddings(cfg, train, classes)
+                probs, folds = _kfold(cfg, train, labels, classes, key, out_dir, plan)
+                emb_ids, emb = _backbone_embeddings(cfg, train, classes)
             elif method == "embed":
                 if cfg.oof.get("checkpoint"):
                     log.warning("oof=embed: the backbone %s may be fine-tuned on these rows: its embeddings are "
                                 "in-sample", cfg.oof.checkpoint)
                     mlflow.set_tag("cleanloop.in_sample_backbone", "true")
-                probs, folds, emb = _embed(cfg, train, labels, classes)
+                probs, folds, emb_ids, emb = _embed(cfg, train, labels, classes, plan)
             else:
                 model = _load_checkpoint(cfg, classes)
                 head = model.head_kind
                 log.warning("oof=insample: scoring %d train rows with %s, a model that saw them; memorised label "
                             "errors look confident, so flags are biased low", len(train), cfg.oof.checkpoint)
                 pred = predict(cfg, model, {"train": train})["train"]
-                probs, folds, emb = pred.probs, np.full(len(train), -1), pred.embeddings
+                probs, folds, emb_ids, emb = pred.probs, np.full(len(train), -1), pred.uuids, pred.embeddings
                 mlflow.set_tag("cleanloop.note", "in-sample probabilities: scored by a model trained on these rows")
             df = oof_frame(train["image_uuid"], train["label"], folds, probs, classes)
             write_oof(out_dir / "oof_probs.parquet", df, classes=classes, head=head, method=method, key=key,
-                      manifest=str(m.source.resolve()), manifest_hash=manifest_hash, n_folds=int(cfg.oof.n_folds))
-            write_atomic(out_dir / "embeddings.npy", lambda p: _save_npy(p, emb.astype(np.float16)))
+                      manifest=str(m.source.resolve()), manifest_hash=manifest_hash, n_folds=int(cfg.oof.n_folds),
+                      folds=folds_made)
+            write_embeddings(out_dir, emb, emb_ids)
             overall = _heldout_metrics(labels, probs, classes)
             mlflow.log_metrics({f"oof/{k}": v for k, v in overall.items()})
             mlflow.log_artifact(str(out_dir / "oof_probs.parquet"))
@@ -235,5 +255,5 @@ def run(cfg: DictConfig) -> dict:
         return {"run_id": run.info.run_id, **overall}
 
     info = cached(cfg, "oof", key, build, publish_to=out_path(cfg, "oof"),
-                  names=["oof_probs.parquet", "embeddings.npy"])
+                  names=["oof_probs.parquet", *EMBEDDING_FILES])
     return {**info, "path": str(out_path(cfg, "oof", "oof_probs.parquet"))}
