@@ -14,7 +14,7 @@ UI_PORT ?= 5000
 STORE := sqlite:///$(CURDIR)/mlruns/mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast lint cycle demo-data cache oof flag prune review train-baseline train-cleaned compare sweep ui bench clean
+.PHONY: help venv test test-fast lint cycle demo-data cache oof flag prune review train-baseline train-cleaned compare sweep ui bench bench-efficacy clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -68,7 +68,7 @@ compare: $(STAMP) ## per-class recall deltas with bootstrap intervals
 	$(BIN)/cleanloop compare $(ARGS)
 
 sweep: $(STAMP) ## multirun: cleanlab's filter_by x recipe.seed, ending with sweep_summary.csv
-	$(BIN)/cleanloop cycle -m flag.filter_by=prune_by_noise_rate,both,confident_learning recipe.seed=0,1,2 $(ARGS)
+	$(BIN)/cleanloop cycle -m flag.filter_by=prune_by_noise_rate,both,confident_learning recipe.seed=0,1,2 compare.seeds=1 $(ARGS)
 
 ui: $(STAMP) ## MLflow UI on the project's store at 127.0.0.1:$(UI_PORT)
 	@$(BIN)/python -m cleanloop.tracking --uri "$(STORE)" --port $(UI_PORT)
@@ -76,6 +76,9 @@ ui: $(STAMP) ## MLflow UI on the project's store at 127.0.0.1:$(UI_PORT)
 
 bench: $(STAMP) ## benchmarks B1-B5 (B6 where CUDA is); rewrites bench/RESULTS.md. ARGS="--parts b1,b4" for some
 	$(BIN)/python bench/run.py $(ARGS)
+
+bench-efficacy: $(STAMP) ## B7: cleanloop vs a cleanlab+LogisticRegression peer on noisy digits (~15 min); ARGS="--quick" for a smoke run
+	$(BIN)/python bench/run.py --parts b7 --b7-args "$(ARGS)"
 
 clean: ## remove outputs (keeps .venv, data and mlruns)
 	rm -rf outputs multirun

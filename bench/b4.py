@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="cleanloop-b4-") as tmp:
         def cfg(method: str, i: int):
             with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-                return compose("config", overrides=[f"paths.root_dir={tmp}", f"oof={method}",
+                return compose("config", overrides=[f"paths.root_dir={tmp}", f"oof={method}", "model=tiny",
                                                      f"paths.cache_dir={tmp}/cache-{method}-{i}",
                                                      f"paths.out_dir={tmp}/out-{method}-{i}"])
         warm = cfg("kfold", -1)

@@ -10,9 +10,12 @@ B3 (bench/b3.py): the OOF prediction path against the bare model forward, with a
 image cache. B4 (bench/b4.py): oof=embed against oof=kfold on the demo. B5: `cleanloop cycle`
 (what `make cycle` runs) on the demo in a fresh folder. B6 (bench/gpu.py) runs only where CUDA
 is; elsewhere the section shows the last recorded GPU run (bench/results/b6-*.json).
+B7 (bench/efficacy.py, ``make bench-efficacy``): cleanloop against a CleanLearning-style peer on
+noisy digits; about 15 minutes on 2 cores, so only on request (``--parts b7``), else carried over.
 
     python bench/run.py                 # everything (about 20 minutes on 2 cores, 5 GB of disk)
     python bench/run.py --parts b1,b4   # only these; the other sections are kept from the last run
+    python bench/run.py --parts b7 --b7-args "--quick"   # B7 (make bench-efficacy), args for efficacy.py
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -42,7 +46,8 @@ B2_REFERENCE_ROWS = 128_117  # the in-memory path at a tenth of B2's rows, for i
 B2_DISK_BYTES = B2_SHAPE[0] * B2_SHAPE[1] * 4 + 2 * B2_SHAPE[0] * 8
 TARGETS = {"b1_wall_s": 2.0, "b1_peak_mib": 1024, "b1_ratio": 3.0, "b2_wall_s": 300.0, "b2_peak_mib": 16 * 1024,
            "b3_ratio": 0.9, "b4_ratio": 0.2}
-PARTS = ("b1", "b2", "b3", "b4", "b5")
+PARTS = ("b1", "b2", "b3", "b4", "b5")  # what `make bench` runs by default
+OPT_IN = ("b7",)  # run only when named in --parts (make bench-efficacy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +397,13 @@ def b4_section(r: dict, m: dict) -> str:
     ])
 
 
+def b7_section(args: list[str]) -> str:
+    """Run bench/efficacy.py in this process (its per-case progress prints live) and render B7."""
+    import efficacy
+
+    return efficacy.section(efficacy.main(args))
+
+
 def b5_section(r: dict, m: dict) -> str:
     secs = r["summary"].get("seconds", {})
     return "\n".join([
@@ -488,14 +500,15 @@ def render(m: dict, sections: dict[str, str]) -> str:
         "",
         "Sections measured in an earlier run (`--parts`) say their own date and commit.",
         "",
-        "\n\n".join(sections[p] for p in (*PARTS, "b6")),
+        "\n\n".join(sections[p] for p in (*PARTS, "b6", *OPT_IN)),
         "",
     ])
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated subset of {','.join(PARTS + OPT_IN)} (default {','.join(PARTS)})")
     p.add_argument("--skip-b2", action="store_true", help="same as leaving b2 out of --parts")
     p.add_argument("--skip-b6", action="store_true", help="do not run bench/gpu.py even on a GPU machine")
     p.add_argument("--repeats", type=int, default=5, help="B1 repeats per case")
@@ -504,17 +517,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--b4-repeats", type=int, default=2)
     p.add_argument("--b5-repeats", type=int, default=1)
     p.add_argument("--tmp-dir", type=Path, default=Path(tempfile.gettempdir()), help="where B2 writes its 5 GB")
+    p.add_argument("--b7-args", default="", help='arguments for bench/efficacy.py, e.g. "--quick" or '
+                                                 '"--cleanloop \'recipe.epochs=10\'"')
     a = p.parse_args(argv)
     parts = [x.strip() for x in a.parts.split(",") if x.strip()]
-    unknown = sorted(set(parts) - set(PARTS))
+    unknown = sorted(set(parts) - set(PARTS + OPT_IN))
     if unknown:
-        raise SystemExit(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+        raise SystemExit(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS + OPT_IN)}")
     if a.skip_b2 and "b2" in parts:
         parts.remove("b2")
 
     m = machine()
     print(f"bench on {m['cpu']} ({m['cores']} cores, {m['ram_gib']:.1f} GiB), commit {m['commit']}", flush=True)
-    sections = {p: previous_section(p) for p in PARTS}
+    sections = {p: previous_section(p) for p in PARTS + OPT_IN}
     if "b1" in parts:
         print(f"B1: {B1_SHAPE[0]:,} x {B1_SHAPE[1]}, {a.repeats} repeats", flush=True)
         sections["b1"] = b1_section(b1(a.repeats), m)
@@ -530,6 +545,9 @@ def main(argv: list[str] | None = None) -> None:
     if "b5" in parts:
         print(f"B5: cleanloop cycle on the demo, {a.b5_repeats} run(s)", flush=True)
         sections["b5"] = b5_section(b5(a.b5_repeats), m)
+    if "b7" in parts:
+        print("B7: efficacy, cleanloop against a CleanLearning-style peer (bench/efficacy.py)", flush=True)
+        sections["b7"] = b7_section(shlex.split(a.b7_args))
     gpu = gpu_available()
     b6_r = None if (a.skip_b6 or gpu is None) else b6(m)
     recorded = b6_r is None and gpu is None

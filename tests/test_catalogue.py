@@ -493,7 +493,7 @@ def test_unusual_image_modes_and_exif_rotation_train(tmp_path, store):
                     "split": "train", "group": f"odd-{name}"})
     m = write_manifest(pd.concat([df, pd.DataFrame(odd)], ignore_index=True), data)
     before = snapshot(data)
-    r = cli("train", m, tmp_path / "run", "recipe.epochs=1", "model.image_size=16", "model.config.image_size=16",
+    r = cli("train", m, tmp_path / "run", "recipe.epochs=1", "model=tiny", "model.image_size=16", "model.config.image_size=16",
             store)
     accepted(r)
     out = tmp_path / "run" / "outputs" / "manifest"

@@ -99,6 +99,14 @@ def test_cycle_on_demo_end_to_end(tmp_path, demo_dir):
     assert gt["precision"] >= 0.80 and gt["recall"] >= 0.70 and gt["garbage_found"] == gt["n_garbage"] == 12
     assert summary["cleaned"]["balanced_accuracy"] > summary["baseline"]["balanced_accuracy"]
     assert summary["baseline"]["top1"] >= 0.90
+    # the verdict over three seed pairs: helped, and the three most-noised classes' recalls up
+    assert summary["seeds"] == [0, 1, 2] and summary["verdict"]["verdict"] == "helped"
+    assert "verdict   HELPED: balanced accuracy" in r.stdout
+    truth = pd.read_csv(demo_dir / "ground_truth.csv")
+    manifest = pd.read_csv(demo_dir / "manifest.csv").merge(truth, on="image_uuid")
+    noised = manifest[manifest["split"] == "train"].groupby("true_label")["is_noisy"].mean().nlargest(3).index
+    recall = {r["class"]: r for r in summary["recall"]}
+    assert all(recall[c]["delta"] > 0 for c in noised), {c: recall[c]["delta"] for c in noised}
     for p in summary["paths"].values():
         assert os.path.exists(p if os.path.isabs(p) else tmp_path / p)
 
@@ -108,11 +116,13 @@ def test_cycle_on_demo_end_to_end(tmp_path, demo_dir):
     cycle = runs[runs["tags.cleanloop.step"] == "cycle"]
     assert len(cycle) == 1
     children = runs[runs["tags.mlflow.parentRunId"] == cycle.iloc[0]["run_id"]]
-    assert sorted(children["tags.cleanloop.step"]) == ["compare", "flag", "oof", "prune", "review", "train", "train"]
+    assert sorted(children["tags.cleanloop.step"]) == ["compare", "flag", "oof", "prune", "review", *["train"] * 6]
     oof_id = children[children["tags.cleanloop.step"] == "oof"].iloc[0]["run_id"]
     assert (runs["tags.mlflow.parentRunId"] == oof_id).sum() == 5
     trains = children[children["tags.cleanloop.step"] == "train"]
-    assert sorted(trains["tags.cleanloop.role"]) == ["baseline", "cleaned"]
+    assert sorted(trains["tags.cleanloop.role"]) == ["baseline"] * 3 + ["cleaned"] * 3
+    assert sorted(trains["tags.cleanloop.seed"]) == ["0", "0", "1", "1", "2", "2"]
+    assert set(trains["tags.cleanloop.budget"]) == {"steps"}
     assert trains["tags.cleanloop.recipe"].nunique() == 1 and trains["tags.cleanloop.test"].nunique() == 1
 
     # same inputs and config: every step is skipped and says so

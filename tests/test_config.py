@@ -40,7 +40,7 @@ def test_group_option_composes(cfg_factory, group, option):
 
 def test_defaults(cfg_factory, tmp_path):
     cfg = cfg_factory()
-    assert cfg.data.name == "demo" and cfg.model.name == "tiny-siglip" and cfg.trainer.accelerator == "cpu"
+    assert cfg.data.name == "demo" and cfg.model.name == "tiny-resnet" and cfg.trainer.accelerator == "cpu"
     assert cfg.get("experiment") is None
     assert cfg.paths.out_dir == f"{tmp_path}/outputs/demo"
     assert cfg.tracking.uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"

@@ -14,7 +14,7 @@ from cleanloop.training import fit_predict, make_datamodule, step_budget, steps_
 
 from conftest import tiny_rows
 
-TINY = ["data=manifest", "data.num_workers=0", "model.image_size=16", "model.config.image_size=16",
+TINY = ["data=manifest", "data.num_workers=0", "model=tiny", "model.image_size=16", "model.config.image_size=16",
         "recipe.batch_size=4"]
 
 

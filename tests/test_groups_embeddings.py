@@ -28,7 +28,7 @@ from cleanloop.steps import oof
 from conftest import make_cfg, tiny_rows
 
 BLANKED = ["dark-1", "mid-2", "bright-5"]  # train rows whose group is blanked (each leaves its partner alone)
-TINY = ("data=manifest", "data.num_workers=0", "model.image_size=16", "model.config.image_size=16")
+TINY = ("data=manifest", "data.num_workers=0", "model=tiny", "model.image_size=16", "model.config.image_size=16")
 
 
 def run_main(capsys, *args: str) -> tuple[int, str]:

@@ -42,7 +42,7 @@ def test_saved_tiny_siglip_loads_and_trains_one_step(tmp_path, tiny_manifest):
 @pytest.mark.parametrize("head", ["softmax", "sigmoid"])
 def test_fit_predict_returns_probs_keyed_by_uuid(cfg_factory, tiny_manifest, head, tmp_path):
     cfg = cfg_factory("recipe.epochs=1", "recipe.batch_size=8", f"recipe.head={head}",
-                      "model.image_size=16", "model.config.image_size=16")
+                      "model=tiny", "model.image_size=16", "model.config.image_size=16")
     m = load_manifest(tiny_manifest)
     test = m.split("test")
     model, preds = fit_predict(cfg, m.classes, m.train, predict_frames={"test": test})

@@ -187,7 +187,7 @@ def test_insample_scoring_of_a_checkpoint(demo_oof):
 def test_sigmoid_head_rows_normalised_before_cleanlab(tiny_manifest, tmp_path):
     cfg = make_cfg(tmp_path, "data=manifest", f"data.manifest={tiny_manifest}", "data.num_workers=0",
                    "recipe.head=sigmoid", "recipe.epochs=1", "oof.n_folds=2", "model.image_size=16",
-                   "model.config.image_size=16", "flag.outlier.top_fraction=0.1")
+                   "model=tiny", "model.config.image_size=16", "flag.outlier.top_fraction=0.1")
     path = Path(oof.run(cfg)["path"])
     df = pd.read_parquet(path)
     assert read_meta(path)["head"] == "sigmoid"

@@ -102,7 +102,7 @@ def test_unreadable_images_stop_before_training_with_the_list(capsys, tmp_path):
     before = manifest.read_bytes()
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "data=manifest", f"data.manifest={manifest}", "data.num_workers=0",
-                  "model.image_size=16", "model.config.image_size=16", f"paths.root_dir={tmp_path}"])
+                  "model=tiny", "model.image_size=16", "model.config.image_size=16", f"paths.root_dir={tmp_path}"])
     out = capsys.readouterr()
     lines = [line for line in out.err.splitlines() if line.strip()]
     assert e.value.code == 1 and len(lines) == 1
@@ -148,7 +148,7 @@ def test_a_failed_fold_fails_the_step_and_publishes_no_oof(tiny_manifest, tmp_pa
     from conftest import make_cfg
 
     cfg = make_cfg(tmp_path, "data=manifest", f"data.manifest={tiny_manifest}", "data.num_workers=0",
-                   "recipe.epochs=1", "oof.n_folds=2", "model.image_size=16", "model.config.image_size=16")
+                   "recipe.epochs=1", "oof.n_folds=2", "model=tiny", "model.image_size=16", "model.config.image_size=16")
     real, calls = oof.fit_predict, []
 
     def second_fold_fails(*args, **kwargs):

@@ -20,7 +20,7 @@ from cleanloop.oof_file import oof_frame, write_oof
 
 from conftest import make_cfg, run_cli, tiny_rows, write_png
 
-TINY = ["data=manifest", "data.num_workers=0", "model.image_size=16", "model.config.image_size=16"]
+TINY = ["data=manifest", "data.num_workers=0", "model=tiny", "model.image_size=16", "model.config.image_size=16"]
 CLASSES = ["bright", "dark", "mid"]
 
 
