@@ -12,12 +12,12 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
-from cleanloop.cache import StepCache, publish
+from cleanloop.cache import DONE, StepCache, publish
 from cleanloop.config import file_hash, short_hash
 from cleanloop.demo import ensure_demo
 from cleanloop.errors import CleanloopError
 from cleanloop.images import unreadable_images
-from cleanloop.io import write_csv
+from cleanloop.io import write_csv, write_json
 from cleanloop.manifest import Manifest, load_manifest
 
 log = logging.getLogger(__name__)
@@ -61,18 +61,22 @@ def _bad_images(cfg: DictConfig, source: Manifest) -> pd.DataFrame:
         return _SCANNED[memo]
     stats = [(st.st_size, st.st_mtime_ns) for st in map(os.stat, source.df["abs_path"])]
     key = short_hash({"data": memo[1], "paths": paths_hash, "stats": short_hash(stats)})
-    with step_cache(cfg).claim("images", key) as entry:
-        path = entry.dir / "bad_images.csv"
+    cache = step_cache(cfg)
+    with cache.claim("images", key) as entry:
         if not entry.done:
-            t0 = time.time()
-            found = unreadable_images(source.df["abs_path"].tolist(), workers=int(cfg.data.get("scan_workers", 4)))
-            rows = source.df.iloc[[i for i, _ in found]]
-            bad = pd.DataFrame({"image_uuid": rows["image_uuid"].to_numpy(), "path": rows["abs_path"].to_numpy(),
-                                "split": rows["split"].to_numpy(), "reason": [r for _, r in found]})
-            write_csv(path, bad)
-            entry.commit(n_bad=len(bad), n_images=len(source.df))
-            log.info("images: decoded all %d images in %.1fs, %d unreadable", len(source.df), time.time() - t0, len(bad))
-        _SCANNED[memo] = pd.read_csv(path, dtype=str, keep_default_na=False)
+            def scan(out_dir: Path) -> dict:
+                t0 = time.time()
+                found = unreadable_images(source.df["abs_path"].tolist(), workers=int(cfg.data.get("scan_workers", 4)))
+                rows = source.df.iloc[[i for i, _ in found]]
+                bad = pd.DataFrame({"image_uuid": rows["image_uuid"].to_numpy(), "path": rows["abs_path"].to_numpy(),
+                                    "split": rows["split"].to_numpy(), "reason": [r for _, r in found]})
+                write_csv(out_dir / "bad_images.csv", bad)
+                log.info("images: decoded all %d images in %.1fs, %d unreadable", len(source.df), time.time() - t0,
+                         len(bad))
+                return {"n_bad": len(bad), "n_images": len(source.df)}
+
+            cache.rebuild(entry, scan)
+        _SCANNED[memo] = pd.read_csv(entry.dir / "bad_images.csv", dtype=str, keep_default_na=False)
     return _SCANNED[memo]
 
 
@@ -119,24 +123,63 @@ def step_cache(cfg: DictConfig) -> StepCache:
     return StepCache(Path(cfg.paths.cache_dir) / "steps")
 
 
+def entry_key(cfg: DictConfig, step: str, step_parts, m: Manifest | None = None) -> tuple[str, dict]:
+    """The cache key of ``step`` and its lineage record: the step's own parts (a dict, or a key built
+    elsewhere) plus :func:`cleanloop.lineage.inputs`: the versions, and for steps that read images the
+    input manifest's image fingerprint (``m``, loaded here when not given)."""
+    from cleanloop import lineage
+
+    images = lineage.reads_images(step)
+    if images and m is None:
+        m = load_input(cfg)
+    return lineage.key(step, {"step": step_parts, **lineage.inputs(cfg, m, with_images=images)},
+                       manifest=m.source if m is not None else None)
+
+
+def find_entry(cfg: DictConfig, step: str, step_parts, m: Manifest | None = None):
+    """The finished cache entry of ``step`` for these parts (as :func:`cached` keys it), or None."""
+    key, _ = entry_key(cfg, step, step_parts, m)
+    return step_cache(cfg).find(step, key)
+
+
 def cached(cfg: DictConfig, step: str, key: str, build: Callable[[Path], dict], *, publish_to: Path,
-           names: list[str]) -> dict:
+           names: list[str], m: Manifest | None = None, lineage: dict | None = None,
+           resume: tuple[str, ...] = ()) -> dict:
     """Build a step's outputs into its cache entry, or reuse the entry; then publish them to ``publish_to``.
 
-    ``build(entry_dir)`` writes the outputs and returns what to remember (the MLflow run id,
-    headline figures); the returned dict adds ``key``, ``reused`` and ``dir``.
+    ``key``: the step's own key, to which the common parts are added (:func:`entry_key`); or, with
+    ``lineage`` (from :func:`entry_key`), the entry key itself. ``build(entry_dir)`` writes the
+    outputs and returns what to remember (the MLflow run id, headline figures); the returned dict
+    adds ``key``, ``reused`` and ``dir``. The key's parts go to the entry and the run
+    (``lineage.json``); a reused entry whose run is not in this MLflow store (experiment) is
+    logged there as a new short run (:func:`cleanloop.runstore.ensure_run`), whose id is returned.
+    ``resume``: parts of an unfinished build a new one takes over (never with paths.reuse_steps=false).
     """
+    from cleanloop.lineage import LINEAGE_FILE, explain
+    from cleanloop.runstore import ensure_run, run_record
+
+    if lineage is None:
+        key, lineage = entry_key(cfg, step, key, m)
     cache = step_cache(cfg)
+    reuse = bool(cfg.paths.get("reuse_steps", True))
     with cache.claim(step, key) as entry:
-        if entry.done and cfg.paths.get("reuse_steps", True):
+        if entry.done and reuse:
             info = entry.info
             log.info("%s: reused cached outputs (key %s, from run %s) -> %s", step, key, info.get("run_id"), publish_to)
+            info = ensure_run(cfg, entry, info)
             reused = True
         else:
-            info = build(entry.dir)
-            entry.commit(**info)
+            log.info("%s: %s", step, explain(cache.root / step, lineage, done=DONE, forced=not reuse))
+
+            def build_and_record(out_dir: Path) -> dict:
+                built = build(out_dir)
+                write_json(out_dir / LINEAGE_FILE, lineage)
+                return {**built, "lineage": lineage, **run_record(cfg, built.get("run_id"), out_dir, lineage)}
+
+            info = cache.rebuild(entry, build_and_record, resume=resume, forced=not reuse)
             reused = False
         publish(entry.dir, publish_to, names)
+    info = {k: v for k, v in info.items() if k not in ("run", "runs")}
     return {**info, "key": key, "reused": reused, "dir": str(entry.dir)}
 
 

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from cleanloop.config import file_hash, short_hash
+from cleanloop.config import file_hash
 from cleanloop.io import write_csv, write_json
 from cleanloop.oof_file import EMBEDDING_IDS, EMBEDDINGS, load_embeddings, load_oof
-from cleanloop.steps.common import cached, load_input, out_path, step_cache
+from cleanloop.steps.common import cached, entry_key, find_entry, load_input, out_path, step_cache
 
 # cleanlab (cleanloop.cleaning, cleanloop.flagcore) and MLflow (cleanloop.tracking) load in _flag,
 # once the OOF file has passed its checks: a wrong OOF file is refused in ~2 s, not ~7 s.
@@ -63,8 +63,9 @@ def oof_input(cfg: DictConfig, m) -> Path:
     return entry.dir / "oof_probs.parquet" if entry else out_path(cfg, "oof", "oof_probs.parquet")
 
 
-def flag_key(cfg: DictConfig, m, oof_path: Path) -> str:
-    """The OOF file's content (and its embeddings), the manifest and the flag options."""
+def flag_parts(cfg: DictConfig, m, oof_path: Path) -> dict:
+    """The step's part of the key: the OOF file's content (and its embeddings), the manifest and the
+    flag options. The entry key adds the versions and the images (:func:`cleanloop.lineage.inputs`)."""
     emb, ids = oof_path.with_name(EMBEDDINGS), oof_path.with_name(EMBEDDING_IDS)
     options = {k: v for k, v in OmegaConf.to_container(cfg.flag, resolve=True).items() if k != "oof"}
     parts = {"oof": file_hash(oof_path) if oof_path.is_file() else str(oof_path),
@@ -72,12 +73,17 @@ def flag_key(cfg: DictConfig, m, oof_path: Path) -> str:
              "classes": m.classes, "head": cfg.recipe.head, "flag": options}
     if ids.is_file():  # only when present, so the keys of OOF folders without ids stay as they were
         parts["embedding_ids"] = file_hash(ids)
-    return short_hash(parts)
+    return parts
+
+
+def flag_key(cfg: DictConfig, m, oof_path: Path) -> str:
+    """The flag cache entry's key (:func:`flag_parts` plus the common parts)."""
+    return entry_key(cfg, "flag", flag_parts(cfg, m, oof_path), m)[0]
 
 
 def issues_output(cfg: DictConfig, m) -> Path:
     """Where this config's label_issues.csv is: its cache entry, else ``flag/`` in ``paths.out_dir``."""
-    entry = step_cache(cfg).find("flag", flag_key(cfg, m, oof_input(cfg, m)))
+    entry = find_entry(cfg, "flag", flag_parts(cfg, m, oof_input(cfg, m)), m)
     return entry.dir / "label_issues.csv" if entry else out_path(cfg, "flag", "label_issues.csv")
 
 
@@ -85,9 +91,9 @@ def run(cfg: DictConfig) -> dict:
     """Flag label issues and outliers (cached by key); returns the flag summary with ``dir`` and ``run_id``."""
     m = load_input(cfg)
     oof_path = oof_input(cfg, m)
-    key = flag_key(cfg, m, oof_path)
+    key, lineage = entry_key(cfg, "flag", flag_parts(cfg, m, oof_path), m)
     info = cached(cfg, "flag", key, lambda out_dir: _flag(cfg, m, oof_path, out_dir, key),
-                  publish_to=out_path(cfg, "flag"), names=FLAG_FILES)
+                  publish_to=out_path(cfg, "flag"), names=FLAG_FILES, lineage=lineage)
     return {**info, "out_dir": str(out_path(cfg, "flag"))}
 
 

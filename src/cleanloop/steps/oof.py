@@ -1,8 +1,9 @@
 """``cleanloop oof``: out-of-sample probabilities for every train row.
 
 ``oof=kfold`` (default): grouped, stratified folds; each fold trains the recipe on the other
-folds and predicts the held-out one. Finished folds are kept in ``oof/folds/`` under a key of
-everything that affects them, so a re-run resumes at the first unfinished fold.
+folds and predicts the held-out one. Finished folds are kept in the cache entry's ``folds/``
+under its key, so a re-run of an unfinished entry resumes at the first unfinished fold
+(``paths.reuse_steps=false`` retrains them all).
 ``oof=embed``: frozen-backbone embeddings once, a logistic-regression head per fold: the same
 folds and file for a fraction of the cost, when the backbone is pretrained.
 ``oof=insample``: score the train rows with an existing model, as the team's first pass did
@@ -27,18 +28,18 @@ from cleanloop.folds import FoldGroups, assign_folds, fold_groups, n_partly_blan
 from cleanloop.metrics import classification_metrics
 from cleanloop.model import Classifier, backbone_from_config
 from cleanloop.oof_file import EMBEDDING_FILES, oof_frame, read_meta, write_embeddings, write_oof
-from cleanloop.steps.common import cached, load_input, out_path
+from cleanloop.steps.common import cached, entry_key, load_input, out_path
 from cleanloop.tracking import step_run
 from cleanloop.training import fit_predict, predict, recipe_hash
 
 log = logging.getLogger(__name__)
 
 
-def oof_key(cfg: DictConfig, manifest_hash: str, classes: list[str], *, own_groups: bool = False) -> str:
-    """Everything that changes the OOF probabilities: data, classes, model, recipe, folds.
+def oof_parts(cfg: DictConfig, manifest_hash: str, classes: list[str], *, own_groups: bool = False) -> dict:
+    """Everything of the step that changes the OOF probabilities: data, classes, model, recipe, folds.
 
     ``own_groups``: blank ``group`` cells were made their own groups (data.missing_group=own); only
-    then is it part of the key, so keys made before the option existed stay the same.
+    then is it a part. The entry key adds the versions and the images (:func:`cleanloop.lineage.inputs`).
     """
     insample = cfg.oof.method == "insample"
     embed = {"C": cfg.oof.C, "max_iter": cfg.oof.max_iter} if cfg.oof.method == "embed" else None
@@ -48,7 +49,12 @@ def oof_key(cfg: DictConfig, manifest_hash: str, classes: list[str], *, own_grou
              "checkpoint": checkpoint_identity(cfg.oof.get("checkpoint"))}
     if own_groups and not insample:
         parts["missing_group"] = "own"
-    return short_hash(parts)
+    return parts
+
+
+def oof_key(cfg: DictConfig, manifest_hash: str, classes: list[str], *, own_groups: bool = False) -> str:
+    """A hash of :func:`oof_parts` (the step's own part of the entry key)."""
+    return short_hash(oof_parts(cfg, manifest_hash, classes, own_groups=own_groups))
 
 
 def _save_fold(path: Path, uuids: list[str], probs: np.ndarray, *, key: str, fold: int) -> None:
@@ -129,14 +135,16 @@ def _embed(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: li
 
 
 def _kfold(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: list[str], key: str,
-           out_dir: Path, plan: FoldGroups) -> tuple[np.ndarray, np.ndarray]:
+           out_dir: Path, plan: FoldGroups, *, reuse_folds: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Train each fold, or take a finished one of this key from ``out_dir/folds`` (an earlier build of
+    this entry that did not finish; never with ``reuse_folds=False``, i.e. paths.reuse_steps=false)."""
     n_folds = cfg.oof.n_folds
     folds = _folds(cfg, train, labels, plan)
     probs = np.zeros((len(train), len(classes)), dtype=np.float32)
     for k in range(n_folds):
         held = folds == k
         fold_path = out_dir / "folds" / f"fold-{k}.parquet"
-        saved = _load_fold(fold_path, key=key)
+        saved = _load_fold(fold_path, key=key) if reuse_folds else None
         if saved is not None:
             log.info("oof: fold %d/%d reused from %s (key %s)", k + 1, n_folds, fold_path, key)
         else:
@@ -198,9 +206,18 @@ def checkpoint_identity(checkpoint) -> str | None:
     return short_hash([file_hash(f) for f in files if f.is_file()])
 
 
+def _own_groups(cfg: DictConfig, m) -> bool:
+    return _missing_group(cfg) == "own" and "group" in m.train.columns and n_partly_blank(m.train["group"]) > 0
+
+
+def oof_entry_key(cfg: DictConfig, m) -> tuple[str, dict]:
+    """The OOF cache entry's key for the input manifest ``m`` and its lineage record."""
+    parts = oof_parts(cfg, file_hash(m.source), m.classes, own_groups=_own_groups(cfg, m))
+    return entry_key(cfg, "oof", parts, m)
+
+
 def oof_key_for(cfg: DictConfig, m) -> str:
-    own = _missing_group(cfg) == "own" and "group" in m.train.columns and n_partly_blank(m.train["group"]) > 0
-    return oof_key(cfg, file_hash(m.source), m.classes, own_groups=own)
+    return oof_entry_key(cfg, m)[0]
 
 
 def run(cfg: DictConfig) -> dict:
@@ -215,7 +232,8 @@ def run(cfg: DictConfig) -> dict:
     manifest_hash = file_hash(m.source)
     plan = _fold_groups(cfg, train) if makes_folds else None
     folds_made = plan.description if plan is not None else "none (in-sample)"
-    key = oof_key(cfg, manifest_hash, classes, own_groups=bool(plan and plan.n_own))
+    parts = oof_parts(cfg, manifest_hash, classes, own_groups=bool(plan and plan.n_own))
+    key, lineage = entry_key(cfg, "oof", parts, m)
     tags = {"cleanloop.oof": method, "cleanloop.data": manifest_hash, "cleanloop.recipe": recipe_hash(cfg),
             "cleanloop.oof_key": key, "cleanloop.in_sample": str(method == "insample").lower(),
             "cleanloop.folds": folds_made}
@@ -225,7 +243,8 @@ def run(cfg: DictConfig) -> dict:
         head = cfg.recipe.head
         with step_run(cfg, "oof", run_name=f"oof-{method}", tags=tags) as run:
             if method == "kfold":
-                probs, folds = _kfold(cfg, train, labels, classes, key, out_dir, plan)
+                probs, folds = _kfold(cfg, train, labels, classes, key, out_dir, plan,
+                                      reuse_folds=bool(cfg.paths.get("reuse_steps", True)))
                 emb_ids, emb = _backbone_embeddings(cfg, train, classes)
             elif method == "embed":
                 if cfg.oof.get("checkpoint"):
@@ -255,5 +274,5 @@ def run(cfg: DictConfig) -> dict:
         return {"run_id": run.info.run_id, **overall}
 
     info = cached(cfg, "oof", key, build, publish_to=out_path(cfg, "oof"),
-                  names=["oof_probs.parquet", *EMBEDDING_FILES])
+                  names=["oof_probs.parquet", *EMBEDDING_FILES], lineage=lineage, resume=("folds",))
     return {**info, "path": str(out_path(cfg, "oof", "oof_probs.parquet"))}
