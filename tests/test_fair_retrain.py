@@ -111,3 +111,13 @@ def test_best_val_without_val_rows_evaluates_the_last_epoch(cfg_factory, frames,
     assert module.fit_info["checkpoint"] == "last" and "no val rows" in caplog.text
     with pytest.raises(CleanloopError, match="recipe.checkpoint='best'"):
         fit_predict(cfg_factory(*TINY, f"data.manifest={path}", "recipe.checkpoint=best"), m.classes, m.train)
+
+
+def test_same_seed_same_model_whether_the_backbone_was_built_or_found(cfg_factory, frames):
+    """Building the random-init backbone must not shift the recipe's RNG stream: the first training
+    (which builds it) and the second (which loads it from the cache) are the same training."""
+    path, m = frames
+    cfg = cfg_factory(*TINY, f"data.manifest={path}", "recipe.epochs=1")
+    test = m.split("test")
+    runs = [fit_predict(cfg, m.classes, m.train, predict_frames={"test": test})[1]["test"].probs for _ in range(2)]
+    assert (runs[0] == runs[1]).all()

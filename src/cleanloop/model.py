@@ -46,8 +46,11 @@ def build_tiny(config: dict, out_dir: str | Path, *, seed: int = 0) -> Path:
     prefix = "siglip" if model_type == "siglip_vision_model" else model_type
     out_dir = Path(out_dir) / f"{prefix}-{short_hash(ident)}"
     if not (out_dir / "config.json").is_file():
-        torch.manual_seed(seed)
-        model = AutoModel.from_config(AutoConfig.for_model(model_type, **config))
+        # fork_rng: building draws from a private RNG, so the caller's stream (the recipe's head init,
+        # shuffling, augmentation) is the same whether this model was built now or found on disk
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModel.from_config(AutoConfig.for_model(model_type, **config))
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         # a unique temporary sibling, renamed into place: parallel jobs never write into one folder,
         # and a crash mid-save never leaves a folder that looks complete

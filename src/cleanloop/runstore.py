@@ -13,6 +13,7 @@ re-logged from the entry, and returns its id: ``compare`` (which downloads
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -39,6 +40,7 @@ def run_record(cfg: DictConfig, run_id: str | None, out_dir: Path, lineage: dict
         return {}
     import mlflow
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bar per small copy
     client = mlflow.MlflowClient()
     client.log_dict(run_id, lineage, LINEAGE_FILE)
     run = client.get_run(run_id)
