@@ -271,3 +271,24 @@ def test_embed_mode_oof_same_folds_and_file(demo_oof, demo_dir, tmp_path):
     classes = read_meta(info["path"])["classes"]
     assert np.allclose(embed[classes].sum(1), 1.0, atol=1e-5) and read_meta(info["path"])["method"] == "embed"
     assert 0 < info["top1"] <= 1 and seconds < 120
+
+
+def test_oof_repeats_average_two_kfold_runs(tiny_manifest, tmp_path):
+    """oof.repeats=2: two k-fold runs (their own fold shuffles and seeds), averaged row by row."""
+    common = ("data=manifest", f"data.manifest={tiny_manifest}", "data.num_workers=0", "model=tiny",
+              "model.image_size=16", "model.config.image_size=16", "recipe.epochs=1", "oof.n_folds=2")
+    info = oof.run(make_cfg(tmp_path, *common, "oof.repeats=2"))
+    entry = Path(info["dir"])
+    runs = []
+    for tag in ("", "r1-"):
+        parts = [pd.read_parquet(entry / "folds" / f"fold-{tag}{k}.parquet") for k in range(2)]
+        runs.append(pd.concat(parts).set_index("image_uuid").sort_index())
+    assert list(runs[0].index) == list(runs[1].index) and not np.allclose(runs[0].to_numpy(), runs[1].to_numpy())
+    df = pd.read_parquet(info["path"]).set_index("image_uuid").sort_index()
+    classes = [c for c in df.columns if c not in ("label", "fold")]
+    expected = (runs[0].to_numpy() + runs[1].to_numpy()) / 2
+    np.testing.assert_allclose(df[classes].to_numpy(), expected, rtol=1e-6)
+    single = oof.run(make_cfg(tmp_path, *common))  # repeats=1 is another entry: the first run alone
+    assert single["key"] != info["key"]
+    np.testing.assert_allclose(pd.read_parquet(single["path"]).set_index("image_uuid").sort_index()[classes].to_numpy(),
+                               runs[0].to_numpy(), rtol=1e-6)

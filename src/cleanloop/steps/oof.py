@@ -20,7 +20,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from cleanloop.config import file_hash, short_hash
 from cleanloop.errors import CleanloopError
@@ -49,6 +49,8 @@ def oof_parts(cfg: DictConfig, manifest_hash: str, classes: list[str], *, own_gr
              "checkpoint": checkpoint_identity(cfg.oof.get("checkpoint"))}
     if own_groups and not insample:
         parts["missing_group"] = "own"
+    if cfg.oof.method == "kfold" and int(cfg.oof.get("repeats", 1)) > 1:  # only then: older keys stay valid
+        parts["repeats"] = int(cfg.oof.repeats)
     return parts
 
 
@@ -138,21 +140,41 @@ def _kfold(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: li
            out_dir: Path, plan: FoldGroups, *, reuse_folds: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Train each fold, or take a finished one of this key from ``out_dir/folds`` (an earlier build of
     this entry that did not finish; never with ``reuse_folds=False``, i.e. paths.reuse_steps=false)."""
+    repeats = max(1, int(cfg.oof.get("repeats", 1)))
+    if repeats == 1:
+        return _kfold_once(cfg, train, labels, classes, key, out_dir, plan, reuse_folds=reuse_folds)
+    # oof.repeats: R k-fold runs, each with its own fold shuffle (oof.seed + r) and training seed
+    # (recipe.seed + r), averaged per row; the file's `fold` column is the first run's.
+    runs = []
+    for r in range(repeats):
+        rcfg = cfg.copy()
+        with open_dict(rcfg):
+            rcfg.oof.seed = int(cfg.oof.seed) + r
+            rcfg.recipe.seed = int(cfg.recipe.seed) + r
+        log.info("oof: repeat %d/%d (oof.seed=%d, recipe.seed=%d)", r + 1, repeats, rcfg.oof.seed, rcfg.recipe.seed)
+        runs.append(_kfold_once(rcfg, train, labels, classes, key, out_dir, plan, reuse_folds=reuse_folds,
+                                tag=f"r{r}-" if r else ""))
+    return np.mean([p for p, _ in runs], axis=0).astype(np.float32), runs[0][1]
+
+
+def _kfold_once(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: list[str], key: str,
+                out_dir: Path, plan: FoldGroups, *, reuse_folds: bool = True, tag: str = ""
+                ) -> tuple[np.ndarray, np.ndarray]:
     n_folds = cfg.oof.n_folds
     folds = _folds(cfg, train, labels, plan)
     probs = np.zeros((len(train), len(classes)), dtype=np.float32)
     for k in range(n_folds):
         held = folds == k
-        fold_path = out_dir / "folds" / f"fold-{k}.parquet"
+        fold_path = out_dir / "folds" / f"fold-{tag}{k}.parquet"
         saved = _load_fold(fold_path, key=key) if reuse_folds else None
         if saved is not None:
             log.info("oof: fold %d/%d reused from %s (key %s)", k + 1, n_folds, fold_path, key)
         else:
             t0 = time.time()
-            with mlflow.start_run(run_name=f"oof-fold-{k}", nested=True,
+            with mlflow.start_run(run_name=f"oof-fold-{tag}{k}", nested=True,
                                   tags={"cleanloop.step": "oof-fold", "cleanloop.fold": str(k)}):
                 _, preds = fit_predict(cfg, classes, train[~held], predict_frames={"heldout": train[held]},
-                                       log_prefix=f"[fold {k + 1}/{n_folds}] ")
+                                       log_prefix=f"[fold {tag}{k + 1}/{n_folds}] ")
                 saved = preds["heldout"].uuids, preds["heldout"].probs
                 metrics = _heldout_metrics(labels[held], saved[1], classes)
                 mlflow.log_metrics({f"heldout/{m}": v for m, v in metrics.items()})
