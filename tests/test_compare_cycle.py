@@ -69,11 +69,15 @@ def test_compare_pairs_seeds_and_writes_outputs(tmp_path):
     assert 0.15 < ba["delta"] < 0.25 and ba["ci_low"] > 0
     table = pd.read_csv(tmp_path / "outputs" / "demo" / "compare" / "recall_deltas.csv")
     assert list(table.columns) == ["class", "recall_baseline", "recall_cleaned", "delta", "ci_low", "ci_high",
-                                   "issue_rate"]
+                                   "issue_rate", "n_test"]
+    assert table["n_test"].tolist() == [100, 100, 100]
     assert (table["ci_low"] <= table["delta"]).all() and (table["delta"] <= table["ci_high"]).all()
     run = mlflow.get_run(summary["run_id"])
     assert {"delta/top1", "delta/balanced_accuracy", "delta/recall/a", "delta/recall/a/ci_low",
             "delta/recall/a/ci_high"} <= set(run.data.metrics)
+    note = run.data.tags["mlflow.note.content"]  # the description: the verdict, the per-class table
+    assert note.startswith(f"**{summary['verdict']['text']}") and "| a | " in note and "| 100 |" in note
+    assert "recall_deltas.png?workflowType=machine_learning" in note
 
 
 def test_flag_sets_side_by_side(tmp_path):

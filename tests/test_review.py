@@ -376,3 +376,21 @@ def test_page_stays_usable_with_5000_flagged_rows(browser, tmp_path, capsys):
         print(f"\n5000 flagged rows in Chromium: open {t_open:.2f}s, filter {t_filter:.3f}s, "
               f"100 x j + d {t_keys:.2f}s")
     assert t_open < 20 and t_filter < 5  # generous: a shared 2-core CI box; the numbers are printed
+
+
+@needs_browser
+def test_screenshot_waits_for_a_late_ready_signal(tmp_path, monkeypatch):
+    """The page says ready 1.5 s after it loads: the wait must poll past the first check without eval,
+    which the page's Content-Security-Policy blocks (issue 14)."""
+    from cleanloop import review_page
+
+    signal = 'document.body.dataset.ready = "1";'
+    assert signal in review_page._JS
+    monkeypatch.setattr(review_page, "_JS", review_page._JS.replace(
+        signal, 'setTimeout(() => { document.body.dataset.ready = "1"; }, 1500);'))
+    index = big_page(tmp_path, 12, ["a", "b", "c"], n_images=4)  # the CSP hashes the delayed script
+    shot = tmp_path / "screenshot.png"
+    t0 = time.time()
+    why = review.take_screenshot(index, shot, chromium=CHROMIUM, viewport=(1280, 900), timeout_s=30)
+    assert why is None and shot.stat().st_size > 5_000
+    assert time.time() - t0 > 1.5  # it did wait for the signal

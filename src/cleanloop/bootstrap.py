@@ -190,6 +190,28 @@ def paired_bootstrap(
     return out
 
 
+def _row_label(r) -> str:
+    """``class  82% -> 91%, n=40  (flagged 12%)``: what moved, on how many test rows, how much was flagged."""
+    def finite(key):
+        v = r.get(key)
+        try:
+            return v is not None and np.isfinite(float(v))
+        except (TypeError, ValueError):
+            return False
+
+    label = str(r["class"])
+    parts = []
+    if finite("recall_baseline") and finite("recall_cleaned"):
+        parts.append(f"{float(r['recall_baseline']):.0%} \u2192 {float(r['recall_cleaned']):.0%}")
+    if finite("n_test"):
+        parts.append(f"n={int(r['n_test'])}")
+    if parts:
+        label += "  " + ", ".join(parts)
+    if finite("issue_rate"):
+        label += f"  (flagged {float(r['issue_rate']):.0%})"
+    return label
+
+
 def recall_deltas_chart(table: pd.DataFrame, out_path: str | os.PathLike, *, title: str) -> Path:
     """Draw per-class recall deltas with their intervals as a PNG, written atomically.
 
@@ -197,7 +219,9 @@ def recall_deltas_chart(table: pd.DataFrame, out_path: str | os.PathLike, *, tit
     ----------
     table : one row per class, in the order to show top to bottom, with columns ``class``,
         ``delta``, ``ci_low``, ``ci_high`` (fractions, B - A) and ``issue_rate`` (fraction of
-        the class's train rows flagged). Rows with a NaN delta are shown without a bar.
+        the class's train rows flagged); optional ``recall_baseline``, ``recall_cleaned`` (shown as
+        ``baseline -> cleaned`` in the label) and ``n_test`` (the class's test rows, ``n=``).
+        Rows with a NaN delta are shown without a bar.
     out_path : where the PNG goes.
     title : the chart title.
 
@@ -230,10 +254,7 @@ def recall_deltas_chart(table: pd.DataFrame, out_path: str | os.PathLike, *, tit
     ax.errorbar(delta[has_ci], y[has_ci], xerr=err, fmt="none", ecolor="#252525", elinewidth=1.2, capsize=3)
     ax.axvline(0, color="#252525", linewidth=1)
 
-    names = [
-        f"{c}  (flagged {r:.0%})" if np.isfinite(r) else str(c)
-        for c, r in zip(table["class"], table["issue_rate"].to_numpy(float), strict=True)
-    ]
+    names = [_row_label(r) for _, r in table.iterrows()]
     ax.set_yticks(y, names)
     ax.invert_yaxis()  # first row of the table on top
     finite = np.concatenate([delta, low, high])
@@ -260,7 +281,8 @@ def recall_deltas_chart(table: pd.DataFrame, out_path: str | os.PathLike, *, tit
     ax.set_axisbelow(True)
     ax.spines[["top", "right"]].set_visible(False)
     ax.annotate(
-        "bar: change   line: bootstrap interval   faded: interval includes 0",
+        "bar: change   line: bootstrap interval   faded: interval includes 0   label: recall baseline \u2192 cleaned, "
+        "test rows n",
         xy=(0.5, 1),
         xycoords="axes fraction",
         xytext=(0, 2),

@@ -39,6 +39,11 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*litlogger.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # MLflow's first use of a SQLite store: "Creating initial MLflow database tables..." and alembic's
+    # migration lines say nothing about the user's run. MLflow's logging setup resets mlflow.* levels
+    # when it loads, so cleanloop.tracking sets them again after its `import mlflow` (quiet_mlflow).
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     # transformers reads these when it loads (set here rather than by importing it: a second saved)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -6,6 +6,8 @@ wraps the train / val / test / predict splits for Lightning.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 
 import lightning as L
@@ -18,6 +20,30 @@ from torch.utils.data import DataLoader, Dataset
 
 from cleanloop.imagecache import CacheReader, DiskImageCache, square_pixels
 from cleanloop.images import load_image
+
+log = logging.getLogger(__name__)
+_CLAMP_LOGGED: set[tuple[int, int]] = set()
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, else ``os.cpu_count``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def clamp_workers(requested: int) -> int:
+    """``data.num_workers`` capped at the usable cores (PyTorch warns past that); logged once per pair."""
+    requested = max(0, int(requested))
+    cores = usable_cores()
+    if requested <= cores:
+        return requested
+    if (requested, cores) not in _CLAMP_LOGGED:
+        _CLAMP_LOGGED.add((requested, cores))
+        log.info("data.num_workers=%d but this machine gives the process %d CPU core(s): using %d DataLoader "
+                 "workers", requested, cores, cores)
+    return cores
 
 
 class ImageTransform:
@@ -155,7 +181,7 @@ class ManifestDataModule(L.LightningDataModule):
         self.classes = list(classes)
         self.frames = {"train": train, "val": val}
         self.predict_frames = dict(predict or {})
-        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, clamp_workers(num_workers), pin_memory
         self.transform = ImageTransform(image_size)
         if image_cache is not None and image_cache.size != image_size:
             raise ValueError(f"image cache size {image_cache.size} != image_size {image_size}")

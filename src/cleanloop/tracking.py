@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,17 @@ from cleanloop.errors import CleanloopError
 from cleanloop.manifest import class_key
 
 log = logging.getLogger(__name__)
+
+
+def quiet_mlflow() -> None:
+    """Keep MLflow's first-use lines ("Creating initial MLflow database tables...") out of the terminal.
+
+    Set after ``import mlflow``: its logging setup resets the levels of the ``mlflow.*`` loggers."""
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+quiet_mlflow()
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 SWEEP_PARENT_ENV = "CLEANLOOP_SWEEP_RUN_ID"  # set by the multirun callback: jobs nest under the sweep's run
@@ -158,15 +170,92 @@ def log_classification(metrics: dict, prefix: str = "test") -> None:
     mlflow.log_metrics(values)
 
 
+UI_QUERY = "workflowType=machine_learning"  # MLflow 3 opens the GenAI layout without it
+DEFAULT_UI_URL = "http://127.0.0.1:5000"
+
+
+def ui_url(tracking_cfg) -> str:
+    """The MLflow UI the printed links point at (``tracking.ui_url``; match ``make ui UI_PORT=...``)."""
+    url = tracking_cfg.get("ui_url") if tracking_cfg is not None else None
+    return str(url or DEFAULT_UI_URL).rstrip("/")
+
+
 def runs_page_url(host: str, experiment_id: str) -> str:
     """The MLflow UI's runs table (not the GenAI traces page MLflow 3 opens by default)."""
-    return f"{host.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"{host.rstrip('/')}/#/experiments/{experiment_id}/runs?{UI_QUERY}"
 
 
 def compare_runs_url(host: str, experiment_id: str, run_ids: list[str]) -> str:
     """MLflow's side-by-side compare view of ``run_ids``."""
     ids = ",".join(f"%22{r}%22" for r in run_ids)
-    return f"{host.rstrip('/')}/#/compare-runs?runs=[{ids}]&experiments=[%22{experiment_id}%22]"
+    return f"{host.rstrip('/')}/#/compare-runs?runs=[{ids}]&experiments=[%22{experiment_id}%22]&{UI_QUERY}"
+
+
+def run_url(host: str, experiment_id: str, run_id: str) -> str:
+    """One run's page in the MLflow UI."""
+    return f"{host.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{UI_QUERY}"
+
+
+def artifact_url(host: str, experiment_id: str, run_id: str, path: str) -> str:
+    """A run's artifact, opened in the MLflow UI's artifact viewer."""
+    return f"{host.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/artifacts/{path.lstrip('/')}?{UI_QUERY}"
+
+
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
+
+
+def picture_links(host: str, experiment_id: str, *, compare_run: str | None = None, flag_run: str | None = None,
+                  review_run: str | None = None) -> dict[str, str]:
+    """{label: artifact deep link} for the chart (compare run), the montage (flag run) and the review page
+    (``review/index.html`` on ``review_run``: the flag run it was logged to, else the review run)."""
+    links = {}
+    if compare_run:
+        links["recall chart"] = artifact_url(host, experiment_id, compare_run, "recall_deltas.png")
+    if flag_run:
+        links["montage of flagged rows"] = artifact_url(host, experiment_id, flag_run, "mislabel_candidates.png")
+    if review_run:
+        links["review page"] = artifact_url(host, experiment_id, review_run, "review/index.html")
+    return links
+
+
+# ---- datasets and models (CONTRACT §4) ------------------------------------------------------------
+
+
+def log_dataset(rows, source, *, name: str, context: str, digest: str | None = None) -> None:
+    """``mlflow.log_input`` of manifest rows (as MLflow's pandas dataset) with its source path and digest,
+    so the UI's Dataset column tells one training set from another."""
+    import mlflow.data
+
+    df = rows.drop(columns=[c for c in ("abs_path",) if c in rows.columns]).reset_index(drop=True)
+    try:
+        with warnings.catch_warnings():  # "the dataset source can be interpreted in multiple ways": a local path
+            warnings.filterwarnings("ignore", message=".*dataset source can be interpreted.*")
+            ds = mlflow.data.from_pandas(df, source=str(Path(source).resolve()), name=name,
+                                         digest=(digest or None) and str(digest)[:36])
+        mlflow.log_input(ds, context=context)
+    except Exception as e:  # a dataset record is a convenience: never fail a step over it
+        log.warning("mlflow: cannot log dataset %s (%s: %s)", name, type(e).__name__, str(e).splitlines()[0][:200])
+
+
+def manifest_dataset_name(role: str, path) -> str:
+    return f"{role}:{Path(str(path)).name}"
+
+
+MODEL_AUTO_MAX_PARAMS = 50_000_000
+
+
+def should_log_model(setting, n_params: int) -> bool:
+    """``tracking.log_model``: ``true``/``false`` force it; ``auto`` logs models under ~50M parameters."""
+    if isinstance(setting, bool):
+        return setting
+    text = str(setting).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", "none", "null"):
+        return False
+    if text != "auto":
+        raise CleanloopError(f"tracking.log_model={setting!r}: choose auto, true or false")
+    return n_params < MODEL_AUTO_MAX_PARAMS
 
 
 def _main() -> None:  # `python -m cleanloop.tracking`: print the UI link for `make ui`

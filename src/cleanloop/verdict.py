@@ -84,3 +84,49 @@ def describe(decision: dict, *, confidence: float, n_seeds: int, n_test: int) ->
             f"{c['class']} {c['verdict']} ({_pts(c['delta'])} [{_pts(c['ci_low'])}, {_pts(c['ci_high'])}])"
             for c in decision["top_issue_classes"])
     return line
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+NOTE_MAX_CHARS = 7500  # MLflow keeps a tag value up to 8000 characters
+
+
+def markdown(text: str, recall: list[dict], *, links: dict[str, str] | None = None, confidence: float = 0.95,
+             max_chars: int = NOTE_MAX_CHARS) -> str:
+    """The run description (MLflow's ``mlflow.note.content``): the verdict sentence, the per-class table
+    (recall baseline -> cleaned, delta [CI], issue rate, test n) and links to the pictures.
+
+    ``recall``: rows of the recall-deltas table (``class, recall_baseline, recall_cleaned, delta,
+    ci_low, ci_high, issue_rate`` and ``n_test`` when known); ``links``: {label: URL or path}.
+    Rows past ``max_chars`` (many classes) are left out, saying how many (they are in recall_deltas.csv).
+    """
+    def cell(v) -> str:
+        return str(v).replace("|", "\\|")
+
+    def num(v):
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+    lines = [f"**{cell(text)}**", "",
+             f"| class | recall baseline → cleaned | delta [{confidence:.0%} CI] (pts) | issue rate | test n |",
+             "|---|---|---|---|---|"]
+    link_lines = [f"- {cell(label)}: [{cell(_link_text(url))}]({url})" for label, url in (links or {}).items()]
+    budget = max_chars - len(text) - sum(len(x) + 1 for x in link_lines) - 300
+    for i, r in enumerate(recall):
+        n = r.get("n_test")
+        if sum(len(x) + 1 for x in lines) > budget:
+            lines.append(f"| … {len(recall) - i} more classes: see recall_deltas.csv | | | | |")
+            break
+        lines.append(
+            f"| {cell(r['class'])} | {_pct(num(r.get('recall_baseline')))} → {_pct(num(r.get('recall_cleaned')))} | "
+            f"{_pts(num(r.get('delta')))} [{_pts(num(r.get('ci_low')))}, {_pts(num(r.get('ci_high')))}] | "
+            f"{_pct(num(r.get('issue_rate')))} | {'n/a' if n is None or num(n) is None else int(n)} |")
+    if link_lines:
+        lines += ["", *link_lines]
+    return "\n".join(lines) + "\n"
+
+
+def _link_text(url: str) -> str:
+    """A link's visible text: its last path part."""
+    return url.split("?")[0].rstrip("/").rsplit("/", 1)[-1] or url

@@ -23,8 +23,16 @@ from cleanloop.config import file_hash, short_hash
 from cleanloop.errors import CleanloopError
 from cleanloop.io import write_csv, write_json
 from cleanloop.steps.common import cached, out_path
-from cleanloop.tracking import log_artifact_files, metric_key, setup, step_run
-from cleanloop.verdict import decide, describe
+from cleanloop.tracking import (
+    NOTE_TAG,
+    log_artifact_files,
+    metric_key,
+    picture_links,
+    setup,
+    step_run,
+    ui_url,
+)
+from cleanloop.verdict import decide, describe, markdown
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +188,30 @@ COMPARE_FILES = ["recall_deltas.csv", "recall_deltas.png", "compare_summary.json
                  "flag_only_rows.csv"]
 
 
+def _flag_run_of(cfg: DictConfig) -> str | None:
+    """The flag run whose issue rates this compare read (from ``flag_summary.json`` beside them), if any."""
+    import json
+
+    summary = _issues_path(cfg).with_name("flag_summary.json")
+    try:
+        return json.loads(summary.read_text()).get("run_id") if summary.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def compare_links(cfg: DictConfig, exp_id: str, compare_run: str, flag_run: str | None) -> dict[str, str]:
+    """Artifact deep links for the compare run's description: its chart, the montage, the review page."""
+    review_run = None
+    if flag_run:
+        try:
+            tags = mlflow.MlflowClient().get_run(flag_run).data.tags
+            review_run = flag_run if tags.get("cleanloop.review_run") else None
+        except mlflow.exceptions.MlflowException:
+            flag_run = None  # flagged in another store: no link
+    return picture_links(ui_url(cfg.tracking), exp_id, compare_run=compare_run, flag_run=flag_run,
+                         review_run=review_run)
+
+
 def _issues_path(cfg: DictConfig) -> Path:
     return Path(cfg.compare.issues) if cfg.compare.get("issues") else out_path(cfg, "flag", "issues_per_class.csv")
 
@@ -206,6 +238,7 @@ def _compare(cfg: DictConfig, pairs: list[tuple[str, str]], out_dir: Path) -> di
         "class": classes, "recall_baseline": rec["value_a"].to_numpy(), "recall_cleaned": rec["value_b"].to_numpy(),
         "delta": rec["delta"].to_numpy(), "ci_low": rec["ci_low"].to_numpy(), "ci_high": rec["ci_high"].to_numpy(),
         "issue_rate": _issue_rates(cfg, classes).to_numpy(),
+        "n_test": np.bincount(labels, minlength=len(classes)),  # the test rows behind each recall
     }).sort_values(["issue_rate", "class"], ascending=[False, True], kind="mergesort").reset_index(drop=True)
     baseline_ids, cleaned_ids = [a for a, _ in pairs], [b for _, b in pairs]
     tags = {"cleanloop.baseline_runs": ",".join(baseline_ids), "cleanloop.cleaned_runs": ",".join(cleaned_ids),
@@ -215,7 +248,8 @@ def _compare(cfg: DictConfig, pairs: list[tuple[str, str]], out_dir: Path) -> di
         n_seeds = len(pairs)
         recall_deltas_chart(table, out_dir / "recall_deltas.png",
                             title=f"Recall change after cleaning, {cc.confidence:.0%} CI "
-                                  f"({n_seeds} seed{'s' if n_seeds > 1 else ''})")
+                                  f"(paired bootstrap over {len(labels)} test rows, {n_seeds} seed pair"
+                                  f"{'s' if n_seeds > 1 else ''})")
         metrics = {}
         for _, r in table.iterrows():
             key = f"delta/recall/{metric_key(r['class'])}"
@@ -251,6 +285,10 @@ def _compare(cfg: DictConfig, pairs: list[tuple[str, str]], out_dir: Path) -> di
             mlflow.set_tags({"cleanloop.flag_run_a": str(refs[0]), "cleanloop.flag_run_b": str(refs[1])})
             summary["flags"] = {**flags, "a": str(refs[0]), "b": str(refs[1])}
             artifacts += [out_dir / "flag_overlap.csv", out_dir / "flag_only_rows.csv"]
+        flag_run = _flag_run_of(cfg)
+        summary["links"] = compare_links(cfg, run.info.experiment_id, run.info.run_id, flag_run)
+        mlflow.set_tag(NOTE_TAG, markdown(decision["text"], summary["recall"], links=summary["links"],
+                                          confidence=float(cc.confidence)))
         write_json(out_dir / "compare_summary.json", summary)
         log_artifact_files([*artifacts, out_dir / "compare_summary.json"])
     ba = boot["balanced_accuracy"]

@@ -21,7 +21,17 @@ from cleanloop.config import file_hash
 from cleanloop.io import write_json
 from cleanloop.steps import compare, flag, oof, prune, review, train
 from cleanloop.steps.common import input_manifest_path, load_input, out_path
-from cleanloop.tracking import compare_runs_url, parent_run_tags, runs_page_url, setup
+from cleanloop.tracking import (
+    NOTE_TAG,
+    artifact_url,
+    compare_runs_url,
+    parent_run_tags,
+    run_url,
+    runs_page_url,
+    setup,
+    ui_url,
+)
+from cleanloop.verdict import markdown
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +92,11 @@ def run(cfg: DictConfig) -> dict:
                                                                   "compare.cleaned": [b for _, b in pairs]})))
         baseline = _mean_metrics([results[n] for n in results if n.startswith("train-baseline")])
         cleaned = _mean_metrics([results[n] for n in results if n.startswith("train-cleaned")])
-        host = "http://127.0.0.1:5000"
+        host = ui_url(cfg.tracking)
+        recall = _with_test_counts(cmp["recall"], out_path(cfg, "train", "baseline", "metrics.json"))
+        links = compare.compare_links(cfg, exp_id, cmp["run_id"], flag_info.get("run_id"))
+        if "review page" not in links and results["review"].get("run_id"):
+            links["review page"] = artifact_url(host, exp_id, results["review"]["run_id"], "review/index.html")
         flag_dir = out_path(cfg, "flag")
         summary = {
             "data": {"manifest": str(manifest_path), "n_train": int(len(m.train)), "classes": m.classes},
@@ -96,7 +110,7 @@ def run(cfg: DictConfig) -> dict:
             "delta": {s: cmp[s] for s in ("top1", "balanced_accuracy", "f1_macro")},
             "verdict": cmp["verdict"],
             "seeds": seeds, "n_test": cmp["n_test"], "confidence": cmp["confidence"],
-            "recall": cmp["recall"],
+            "recall": recall,
             "paths": {
                 "oof_probs": str(out_path(cfg, "oof", "oof_probs.parquet")),
                 "label_issues": str(flag_dir / "label_issues.csv"),
@@ -112,6 +126,7 @@ def run(cfg: DictConfig) -> dict:
                 "tracking_uri": mlflow.get_tracking_uri(), "experiment_id": exp_id, "cycle_run": parent.info.run_id,
                 "runs": run_ids, "train_pairs": [list(p) for p in pairs], "runs_page": runs_page_url(host, exp_id),
                 "compare_view": compare_runs_url(host, exp_id, [run_ids["train-baseline"], run_ids["train-cleaned"]]),
+                "cycle_page": run_url(host, exp_id, parent.info.run_id), "links": links,
             },
             "reused": sorted(name for name, info in results.items() if info.get("reused")),
             "seconds": {**timings, "total": round(time.time() - t_start, 1)},
@@ -119,17 +134,60 @@ def run(cfg: DictConfig) -> dict:
         summary_path = out_path(cfg, "summary.json")
         write_json(summary_path, summary)
         mlflow.log_artifact(str(summary_path))
-        d = summary["delta"]
-        mlflow.log_metrics({"delta/top1": d["top1"]["delta"], "delta/balanced_accuracy": d["balanced_accuracy"]["delta"],
-                            "flag/n_issues": summary["flag"]["n_issues"]})
-        mlflow.set_tag("cleanloop.verdict", summary["verdict"]["verdict"])
+        mlflow.log_metrics(headline_metrics(summary, prune_info))
+        note = markdown(summary["verdict"]["text"], recall, links=links, confidence=float(cmp["confidence"]))
+        mlflow.set_tags({"cleanloop.verdict": summary["verdict"]["verdict"], NOTE_TAG: note})
+        # the compare run gets the same description (its own lacks the cycle's test counts for old entries)
+        if cmp.get("run_id"):
+            try:
+                mlflow.MlflowClient().set_tag(cmp["run_id"], NOTE_TAG, note)
+            except mlflow.exceptions.MlflowException as e:
+                log.warning("cycle: cannot describe compare run %s (%s)", cmp["run_id"], e.message.splitlines()[0])
     print(format_summary(summary), flush=True)
     return summary
+
+
+def headline_metrics(summary: dict, prune_info: dict) -> dict[str, float]:
+    """What the cycle run shows in the runs table: the answer (deltas with bounds) and the counts."""
+    out = {}
+    for stat in ("balanced_accuracy", "top1"):
+        d = summary["delta"][stat]
+        out |= {f"delta/{stat}": d["delta"], f"delta/{stat}/ci_low": d["ci_low"], f"delta/{stat}/ci_high": d["ci_high"]}
+    out["flag/n_issues"] = summary["flag"]["n_issues"]
+    out["prune/n_pruned"] = prune_info["n_pruned"]
+    gt = summary["flag"].get("ground_truth")
+    if gt:
+        out |= {"flag/precision": gt["precision"], "flag/recall": gt["recall"]}
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def _with_test_counts(recall: list[dict], baseline_metrics: Path) -> list[dict]:
+    """Each class's test rows (``n_test``): from the compare table, else the baseline's per-class support."""
+    if all(r.get("n_test") is not None for r in recall):
+        return recall
+    try:
+        per = json.loads(baseline_metrics.read_text())["per_class"]
+    except (OSError, ValueError, KeyError):
+        return recall
+    return [r if r.get("n_test") is not None else {**r, "n_test": per.get(r["class"], {}).get("support")}
+            for r in recall]
 
 
 def _mean_metrics(runs: list[dict]) -> dict:
     """Headline test metrics averaged over a role's seeds."""
     return {k: sum(r[k] for r in runs) / len(runs) for k in ("top1", "balanced_accuracy", "f1_macro")}
+
+
+def worst_regression(recall: list[dict]) -> str:
+    """The class whose recall fell most, with its interval and test rows; or that none fell."""
+    fell = [r for r in recall if r.get("delta") is not None and r["delta"] < 0]
+    if not fell:
+        return "worst regression: none (no class's recall fell)"
+    r = min(fell, key=lambda r: (r["delta"], str(r["class"])))
+    n = f", n={int(r['n_test'])} test rows" if r.get("n_test") is not None else ""
+    sure = " (interval below 0)" if r.get("ci_high") is not None and r["ci_high"] < 0 else ""
+    return (f"worst regression: {r['class']} recall {_pts(r['delta'])} pts "
+            f"[{_pts(r['ci_low'])}, {_pts(r['ci_high'])}]{n}{sure}")
 
 
 def _pts(x: float) -> str:
@@ -157,9 +215,18 @@ def format_summary(s: dict) -> str:
     moved = sorted((r for r in s["recall"] if r["delta"] is not None), key=lambda r: -abs(r["delta"]))[:3]
     lines.append("  recall moved most: " + "; ".join(
         f"{r['class']} {_pts(r['delta'])} [{_pts(r['ci_low'])}, {_pts(r['ci_high'])}]" for r in moved))
-    p = s["paths"]
+    lines.append("  " + worst_regression(s["recall"]))
+    n_seeds = len(s.get("seeds") or [0])
+    lines.append(f"  intervals {s.get('confidence', 0.95):.0%} paired bootstrap over {s['n_test']} test rows and "
+                 f"{n_seeds} seed pair{'s' if n_seeds != 1 else ''} (recall: that class's test rows)")
+    p, ml = s["paths"], s["mlflow"]
+    links = ml.get("links", {})
     lines += [f"  montage   {p['montage']}", f"  review    {p['review_page']} (open in a browser; decisions -> "
               "`cleanloop prune prune.decisions=decisions.csv`)", f"  chart     {p['chart']}",
-              f"  MLflow    `make ui`, then {s['mlflow']['runs_page']}",
-              f"            baseline vs cleaned side by side: {s['mlflow']['compare_view']}"]
+              f"  MLflow    `make ui` (tracking.ui_url), then {ml['runs_page']}"]
+    if ml.get("cycle_page"):
+        lines.append(f"            this cycle: {ml['cycle_page']}")
+    lines.append(f"            baseline vs cleaned side by side: {ml['compare_view']}")
+    for label, url in links.items():
+        lines.append(f"            {label}: {url}")
     return "\n".join(lines)

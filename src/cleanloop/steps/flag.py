@@ -113,7 +113,14 @@ def _flag(cfg: DictConfig, m, oof_path: Path, out_dir: Path, key: str) -> dict:
         render_montage,
     )
     from cleanloop.flagcore import flag_tables
-    from cleanloop.tracking import log_artifact_files, log_key_mapping, metric_key, step_run
+    from cleanloop.tracking import (
+        log_artifact_files,
+        log_dataset,
+        log_key_mapping,
+        manifest_dataset_name,
+        metric_key,
+        step_run,
+    )
 
     data_hash = file_hash(m.source)
     sigmoid = oof.meta.get("head") == "sigmoid"
@@ -129,6 +136,7 @@ def _flag(cfg: DictConfig, m, oof_path: Path, out_dir: Path, key: str) -> dict:
         if fc.outlier.enabled else None
     tags["cleanloop.outliers"] = "off" if not fc.outlier.enabled else "embeddings" if emb is not None else "pred_probs"
     with step_run(cfg, "flag", tags=tags) as run:
+        log_dataset(train, m.source, name=manifest_dataset_name("input", m.source), context="train", digest=data_hash)
         if sigmoid:
             log.info("flag: sigmoid head: each pred_probs row normalised to sum to one before cleanlab")
         found = find_issues(labels, pred_probs, filter_by=fc.filter_by, frac_noise=fc.frac_noise,

@@ -29,7 +29,7 @@ from cleanloop.metrics import classification_metrics
 from cleanloop.model import Classifier, backbone_from_config
 from cleanloop.oof_file import EMBEDDING_FILES, oof_frame, read_meta, write_embeddings, write_oof
 from cleanloop.steps.common import cached, entry_key, load_input, out_path
-from cleanloop.tracking import step_run
+from cleanloop.tracking import log_dataset, manifest_dataset_name, step_run
 from cleanloop.training import fit_predict, predict, recipe_hash
 
 log = logging.getLogger(__name__)
@@ -264,6 +264,8 @@ def run(cfg: DictConfig) -> dict:
         t0 = time.time()
         head = cfg.recipe.head
         with step_run(cfg, "oof", run_name=f"oof-{method}", tags=tags) as run:
+            log_dataset(train, m.source, name=manifest_dataset_name("input", m.source), context="train",
+                        digest=manifest_hash)
             if method == "kfold":
                 probs, folds = _kfold(cfg, train, labels, classes, key, out_dir, plan,
                                       reuse_folds=bool(cfg.paths.get("reuse_steps", True)))

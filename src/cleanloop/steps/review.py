@@ -98,6 +98,15 @@ def write_thumbs(sources: list[str], uuids: list[str], thumbs_dir: Path, *, size
 # ---- screenshot ---------------------------------------------------------------------------------
 
 
+def _poll(tab, predicate: str, *, timeout_s: float, what: str, interval_s: float = 0.1) -> None:
+    """Call ``predicate`` in the page until it returns true (from Python: no eval inside the page)."""
+    deadline = time.monotonic() + timeout_s
+    while not tab.evaluate(predicate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f}s for {what}")
+        time.sleep(interval_s)
+
+
 def _screenshot(page: Path, out: Path, chromium: str, viewport: tuple[int, int], timeout_s: float) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -107,10 +116,13 @@ def _screenshot(page: Path, out: Path, chromium: str, viewport: tuple[int, int],
             tab = browser.new_page(viewport={"width": int(viewport[0]), "height": int(viewport[1])})
             tab.set_default_timeout(timeout_s * 1000)
             tab.goto(page.resolve().as_uri())
-            tab.wait_for_function("document.body.dataset.ready === '1'")
+            # Not wait_for_function("<string>"): Playwright re-evaluates a string predicate with eval,
+            # which the page's Content-Security-Policy blocks after the first poll. A selector and a
+            # Python-side poll of page.evaluate (sent over CDP, outside the page's CSP) are not blocked.
+            tab.wait_for_selector("body[data-ready='1']", state="attached")
             # the thumbnails on the first screen, decoded (lazy ones further down do not count)
-            tab.wait_for_function("[...document.images].filter(i => i.getBoundingClientRect().top < innerHeight)"
-                                  ".every(i => i.complete)")
+            _poll(tab, "() => [...document.images].filter(i => i.getBoundingClientRect().top < innerHeight)"
+                       ".every(i => i.complete)", timeout_s=timeout_s, what="the first screen's thumbnails")
             with atomic_path(out) as tmp:
                 tab.screenshot(path=str(tmp), type="png")
         finally:

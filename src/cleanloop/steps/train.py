@@ -20,7 +20,15 @@ from cleanloop.errors import CleanloopError
 from cleanloop.io import write_atomic, write_json
 from cleanloop.metrics import classification_metrics
 from cleanloop.steps.common import cached, load_input, out_path
-from cleanloop.tracking import log_artifact_files, log_classification, log_key_mapping, step_run
+from cleanloop.tracking import (
+    log_artifact_files,
+    log_classification,
+    log_dataset,
+    log_key_mapping,
+    manifest_dataset_name,
+    should_log_model,
+    step_run,
+)
 from cleanloop.training import fit_predict, recipe_hash
 
 log = logging.getLogger(__name__)
@@ -98,6 +106,10 @@ def _train(cfg: DictConfig, role: str, source, m, path: Path, out_dir: Path) -> 
     with step_run(cfg, "train", run_name=f"train-{role}", tags=tags) as run:
         log.info("train %s: %d train rows, %d val, %d test, %d classes (%s)",
                  role, len(m.train), len(val), len(test), len(classes), path)
+        # the Dataset column of the runs table: which rows this role trained on, and the shared test split
+        log_dataset(m.train, path, name=manifest_dataset_name(role, path), context="train", digest=file_hash(path))
+        log_dataset(test, source.source, name=f"test:{Path(str(source.source)).name}", context="test",
+                    digest=split_hash(test))  # the one test split both roles share
         # The step budget is the baseline's: both roles train as long, whatever the cleaned set's size.
         module, preds = fit_predict(cfg, classes, m.train, predict_frames={"test": test}, val=val,
                                     log_prefix=f"[{role}] ", budget_rows=len(source.train))
@@ -114,6 +126,15 @@ def _train(cfg: DictConfig, role: str, source, m, path: Path, out_dir: Path) -> 
         write_atomic(out_dir / "test_predictions.parquet",
                      lambda p: probs_frame(uuids, labels, probs, classes).to_parquet(p, index=False))
         module.save(out_dir / "model")
+        n_params = sum(p.numel() for p in module.parameters())
+        if should_log_model(cfg.tracking.get("log_model", "auto"), n_params):
+            from cleanloop.mlflow_model import log_classifier
+
+            log_classifier(out_dir / "model", classes=classes, image_size=int(cfg.model.image_size),
+                           register_as=cfg.tracking.get("register_as"))
+        else:
+            log.info("train %s: model not logged to MLflow (%.1fM parameters; tracking.log_model=%s); it is in %s",
+                     role, n_params / 1e6, cfg.tracking.get("log_model", "auto"), out_path(cfg, "train", role, "model"))
         log_classification(metrics, "test")
         log_key_mapping(classes)
         log_artifact_files([out_dir / "metrics.json", out_dir / "test_predictions.parquet"])
