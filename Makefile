@@ -10,6 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.cleanloop-installed
 ARGS ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 UI_PORT ?= 5000
 STORE := sqlite:///$(CURDIR)/mlruns/mlflow.db
 
@@ -28,8 +29,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create .venv (torch from TORCH, then the project)
 
-test: $(STAMP) ## the whole test suite, slow end-to-end tests included (CI runs this)
-	$(BIN)/pytest $(PYTEST_ARGS)
+test: $(STAMP) ## the whole test suite, slow end-to-end tests included (CI runs this); TEST_WORKERS=1 for one process
+	$(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the tests not marked slow
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
