@@ -76,3 +76,15 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) 
     exe = Path(sys.executable).with_name("cleanloop")
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    """The real CLI entry point, in-process: (exit code, stderr)."""
+    from cleanloop import cli
+
+    try:
+        cli.main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err

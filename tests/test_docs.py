@@ -47,3 +47,20 @@ def test_every_contract_citation_names_a_section_that_exists():
     # a citation that names a file or key ("CONTRACT §3 ``flag/label_issues.csv``") finds it in that section
     unnamed = [(where, n, name) for where, n, name in cited if name and name not in have[n]]
     assert not unnamed, f"named in a citation but absent from that section: {unnamed}"
+
+
+def test_step_modules_never_import_each_other():
+    """Keys and locators live in steps/locate.py: a step imports it, steps/common and the core, never
+    another step (cycle, which runs them all, aside)."""
+    import ast
+
+    steps = Path(__file__).resolve().parents[1] / "src" / "cleanloop" / "steps"
+    names = {p.stem for p in steps.glob("*.py")} - {"__init__", "common", "locate"}
+    for path in steps.glob("*.py"):
+        if path.stem == "cycle":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mods = {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+                bad = {m for m in mods if m.startswith("cleanloop.steps.") and m.split(".")[2] in names}
+                assert not bad, f"{path.name} imports {sorted(bad)}"

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cleanloop import cli
 from cleanloop.errors import CleanloopError
 from cleanloop.folds import assign_folds, fold_groups
 from cleanloop.manifest import check_groups
@@ -25,20 +24,10 @@ from cleanloop.oof_file import (
 )
 from cleanloop.steps import oof
 
-from conftest import make_cfg, tiny_rows
+from conftest import make_cfg, run_main, tiny_rows
 
 BLANKED = ["dark-1", "mid-2", "bright-5"]  # train rows whose group is blanked (each leaves its partner alone)
 TINY = ("data=manifest", "data.num_workers=0", "model=tiny", "model.image_size=16", "model.config.image_size=16")
-
-
-def run_main(capsys, *args: str) -> tuple[int, str]:
-    """The real CLI entry point, in-process: (exit code, stderr)."""
-    try:
-        cli.main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def blanked_manifest(folder: Path, blanked=BLANKED) -> Path:

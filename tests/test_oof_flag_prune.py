@@ -15,28 +15,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cleanloop import cli
 from cleanloop.folds import assign_folds
 from cleanloop.oof_file import oof_frame, read_meta, write_oof
 from cleanloop.steps import flag, oof, prune, train
 
-from conftest import make_cfg
+from conftest import make_cfg, run_main
 
 FAST = ("recipe.epochs=3",)  # enough to exercise the loop; accuracy is the cycle test's job
 
 
 def sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def run_main(capsys, *args: str) -> tuple[int, str]:
-    """The real CLI entry point, in-process: (exit code, stderr)."""
-    try:
-        cli.main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cleanloop.config import file_hash
 from cleanloop.io import write_csv, write_json
-from cleanloop.oof_file import EMBEDDING_IDS, EMBEDDINGS, load_embeddings, load_oof
-from cleanloop.steps.common import cached, entry_key, find_entry, load_input, out_path, step_cache
+from cleanloop.oof_file import load_embeddings, load_oof
+from cleanloop.steps.common import cached, entry_key, load_input, out_path
+from cleanloop.steps.locate import flag_parts, issues_output, oof_input  # noqa: F401
 
 # cleanlab (cleanloop.cleaning, cleanloop.flagcore) and MLflow (cleanloop.tracking) load in _flag,
 # once the OOF file has passed its checks: a wrong OOF file is refused in ~2 s, not ~7 s.
@@ -52,39 +53,9 @@ FLAG_FILES = ["label_issues.csv", "issues_per_class.csv", "issue_confusions.csv"
               "flag_summary.json"]
 
 
-def oof_input(cfg: DictConfig, m) -> Path:
-    """``flag.oof``; else the cached OOF of this config (so a flag sweep finds it from any job folder);
-    else ``oof/oof_probs.parquet`` in ``paths.out_dir``."""
-    if cfg.flag.get("oof"):
-        return Path(cfg.flag.oof)
-    from cleanloop.steps.oof import oof_key_for
-
-    entry = step_cache(cfg).find("oof", oof_key_for(cfg, m))
-    return entry.dir / "oof_probs.parquet" if entry else out_path(cfg, "oof", "oof_probs.parquet")
-
-
-def flag_parts(cfg: DictConfig, m, oof_path: Path) -> dict:
-    """The step's part of the key: the OOF file's content (and its embeddings), the manifest and the
-    flag options. The entry key adds the versions and the images (:func:`cleanloop.lineage.inputs`)."""
-    emb, ids = oof_path.with_name(EMBEDDINGS), oof_path.with_name(EMBEDDING_IDS)
-    options = {k: v for k, v in OmegaConf.to_container(cfg.flag, resolve=True).items() if k != "oof"}
-    parts = {"oof": file_hash(oof_path) if oof_path.is_file() else str(oof_path),
-             "embeddings": file_hash(emb) if emb.is_file() else None, "data": file_hash(m.source),
-             "classes": m.classes, "head": cfg.recipe.head, "flag": options}
-    if ids.is_file():  # only when present, so the keys of OOF folders without ids stay as they were
-        parts["embedding_ids"] = file_hash(ids)
-    return parts
-
-
 def flag_key(cfg: DictConfig, m, oof_path: Path) -> str:
     """The flag cache entry's key (:func:`flag_parts` plus the common parts)."""
     return entry_key(cfg, "flag", flag_parts(cfg, m, oof_path), m)[0]
-
-
-def issues_output(cfg: DictConfig, m) -> Path:
-    """Where this config's label_issues.csv is: its cache entry, else ``flag/`` in ``paths.out_dir``."""
-    entry = find_entry(cfg, "flag", flag_parts(cfg, m, oof_input(cfg, m)), m)
-    return entry.dir / "label_issues.csv" if entry else out_path(cfg, "flag", "label_issues.csv")
 
 
 def run(cfg: DictConfig) -> dict:

@@ -22,41 +22,25 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, open_dict
 
-from cleanloop.config import file_hash, short_hash
+from cleanloop.config import file_hash
 from cleanloop.errors import CleanloopError
-from cleanloop.folds import FoldGroups, assign_folds, fold_groups, n_partly_blank
+from cleanloop.folds import FoldGroups, assign_folds, fold_groups
 from cleanloop.metrics import classification_metrics
 from cleanloop.model import Classifier, backbone_from_config
 from cleanloop.oof_file import EMBEDDING_FILES, oof_frame, read_meta, write_embeddings, write_oof
 from cleanloop.steps.common import cached, entry_key, load_input, out_path
+from cleanloop.steps.locate import (  # noqa: F401
+    checkpoint_identity,
+    missing_group,
+    oof_entry_key,
+    oof_key,
+    oof_key_for,
+    oof_parts,
+)
 from cleanloop.tracking import log_dataset, manifest_dataset_name, step_run
 from cleanloop.training import fit_predict, predict, recipe_hash
 
 log = logging.getLogger(__name__)
-
-
-def oof_parts(cfg: DictConfig, manifest_hash: str, classes: list[str], *, own_groups: bool = False) -> dict:
-    """Everything of the step that changes the OOF probabilities: data, classes, model, recipe, folds.
-
-    ``own_groups``: blank ``group`` cells were made their own groups (data.missing_group=own); only
-    then is it a part. The entry key adds the versions and the images (:func:`cleanloop.lineage.inputs`).
-    """
-    insample = cfg.oof.method == "insample"
-    embed = {"C": cfg.oof.C, "max_iter": cfg.oof.max_iter} if cfg.oof.method == "embed" else None
-    parts = {"data": manifest_hash, "classes": classes, "recipe": recipe_hash(cfg, with_seed=True),
-             "method": cfg.oof.method, "n_folds": None if insample else cfg.oof.n_folds,
-             "seed": None if insample else cfg.oof.seed, "embed": embed,
-             "checkpoint": checkpoint_identity(cfg.oof.get("checkpoint"))}
-    if own_groups and not insample:
-        parts["missing_group"] = "own"
-    if cfg.oof.method == "kfold" and int(cfg.oof.get("repeats", 1)) > 1:  # only then: older keys stay valid
-        parts["repeats"] = int(cfg.oof.repeats)
-    return parts
-
-
-def oof_key(cfg: DictConfig, manifest_hash: str, classes: list[str], *, own_groups: bool = False) -> str:
-    """A hash of :func:`oof_parts` (the step's own part of the entry key)."""
-    return short_hash(oof_parts(cfg, manifest_hash, classes, own_groups=own_groups))
 
 
 def _save_fold(path: Path, uuids: list[str], probs: np.ndarray, *, key: str, fold: int) -> None:
@@ -77,13 +61,9 @@ def _heldout_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str]) 
     return {"top1": m["top1"], "balanced_accuracy": m["balanced_accuracy"]}
 
 
-def _missing_group(cfg: DictConfig) -> str:
-    return str(cfg.data.get("missing_group") or "error")
-
-
 def _fold_groups(cfg: DictConfig, train: pd.DataFrame) -> FoldGroups:
     """What the folds group by (CONTRACT §2 ``group``); blank rows made their own groups are a warning."""
-    plan = fold_groups(train["group"] if "group" in train.columns else None, missing_group=_missing_group(cfg))
+    plan = fold_groups(train["group"] if "group" in train.columns else None, missing_group=missing_group(cfg))
     if plan.n_own:
         log.warning("oof: data.missing_group=own: %d of %d train rows have a blank group; each is its own group, so "
                     "those rows may share folds with other images of their patient", plan.n_own, len(train))
@@ -217,29 +197,6 @@ def _load_checkpoint(cfg: DictConfig, classes: list[str]) -> Classifier:
         raise CleanloopError(f"oof.checkpoint={path}: its classes {model.classes[:5]}... differ from the manifest's "
                              f"{classes[:5]}...; score with a model trained on these classes")
     return model.eval()
-
-
-def checkpoint_identity(checkpoint) -> str | None:
-    """A content hash of the checkpoint's weight files, so a retrained checkpoint is a new key."""
-    if not checkpoint:
-        return None
-    path = Path(str(checkpoint))
-    files = sorted(path.rglob("*.safetensors")) + sorted(path.glob("*.json")) if path.is_dir() else [path]
-    return short_hash([file_hash(f) for f in files if f.is_file()])
-
-
-def _own_groups(cfg: DictConfig, m) -> bool:
-    return _missing_group(cfg) == "own" and "group" in m.train.columns and n_partly_blank(m.train["group"]) > 0
-
-
-def oof_entry_key(cfg: DictConfig, m) -> tuple[str, dict]:
-    """The OOF cache entry's key for the input manifest ``m`` and its lineage record."""
-    parts = oof_parts(cfg, file_hash(m.source), m.classes, own_groups=_own_groups(cfg, m))
-    return entry_key(cfg, "oof", parts, m)
-
-
-def oof_key_for(cfg: DictConfig, m) -> str:
-    return oof_entry_key(cfg, m)[0]
 
 
 def run(cfg: DictConfig) -> dict:

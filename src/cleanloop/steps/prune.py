@@ -11,47 +11,23 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cleanloop.config import file_hash
 from cleanloop.errors import CleanloopError
 from cleanloop.io import write_csv, write_table
 from cleanloop.manifest import read_manifest
 from cleanloop.pruning import apply_pruning, read_decisions, select_pruned
-from cleanloop.steps.common import cached, entry_key, find_entry, load_input, out_path, read_csv_strings
+from cleanloop.steps.common import cached, entry_key, load_input, out_path, read_csv_strings
+from cleanloop.steps.locate import cleaned_output, issues_input, prune_parts  # noqa: F401
 from cleanloop.tracking import log_artifact_files, metric_key, step_run
 
 log = logging.getLogger(__name__)
 
 
-def issues_input(cfg: DictConfig, m) -> Path:
-    if cfg.prune.get("issues"):
-        return Path(cfg.prune.issues)
-    from cleanloop.steps.flag import issues_output
-
-    return issues_output(cfg, m)
-
-
-def prune_parts(cfg: DictConfig, m, issues_path: Path) -> dict:
-    """The step's part of the key: the issues file, the manifest, the prune options and decisions."""
-    options = {k: v for k, v in OmegaConf.to_container(cfg.prune, resolve=True).items() if k not in ("issues", "decisions")}
-    decisions = Path(cfg.prune.decisions) if cfg.prune.get("decisions") else None
-    return {"issues": file_hash(issues_path) if issues_path.is_file() else str(issues_path),
-            "data": file_hash(m.source), "prune": options,
-            "decisions": file_hash(decisions) if decisions and decisions.is_file() else str(decisions)}
-
-
 def prune_key(cfg: DictConfig, m, issues_path: Path) -> str:
     """The prune cache entry's key (:func:`prune_parts` plus the common parts)."""
     return entry_key(cfg, "prune", prune_parts(cfg, m, issues_path), m)[0]
-
-
-def cleaned_output(cfg: DictConfig, m) -> Path | None:
-    """This config's cleaned manifest: its cache entry, else ``prune/`` in ``paths.out_dir``; None if neither."""
-    entry = find_entry(cfg, "prune", prune_parts(cfg, m, issues_input(cfg, m)), m)
-    folder = entry.dir if entry else out_path(cfg, "prune")
-    found = sorted(folder.glob("cleaned_manifest.*"))
-    return found[0] if found else None
 
 
 def run(cfg: DictConfig) -> dict:

@@ -32,7 +32,7 @@ from cleanloop.oof_file import load_oof
 from cleanloop.pruning import read_decisions
 from cleanloop.review_page import flagged_rows, page_html, page_rows, thumb_name
 from cleanloop.steps.common import load_input, out_path, read_csv_strings
-from cleanloop.steps.flag import issues_output, oof_input
+from cleanloop.steps.locate import issues_output, oof_input
 from cleanloop.tracking import log_artifact_files, step_run
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ from cleanloop.errors import CleanloopError
 from cleanloop.io import write_atomic, write_json
 from cleanloop.metrics import classification_metrics
 from cleanloop.steps.common import cached, load_input, out_path
+from cleanloop.steps.locate import cleaned_manifest_path  # noqa: F401
 from cleanloop.tracking import (
     log_artifact_files,
     log_classification,
@@ -39,18 +40,6 @@ ROLES = ("baseline", "cleaned")
 def split_hash(df: pd.DataFrame) -> str:
     rows = sorted(zip(df["image_uuid"], df["label"], strict=True))
     return short_hash(rows)
-
-
-def cleaned_manifest_path(cfg: DictConfig, source=None) -> Path:
-    """The cleaned manifest of this config (its prune cache entry, else ``prune/`` in ``paths.out_dir``)."""
-    from cleanloop.steps.prune import cleaned_output
-
-    found = cleaned_output(cfg, source if source is not None else load_input(cfg))
-    if found is None:
-        raise CleanloopError(
-            f"{out_path(cfg, 'prune')}: no cleaned_manifest yet; run `cleanloop prune` (or `make prune`) first"
-        )
-    return found
 
 
 def probs_frame(uuids: list[str], labels: list[str], probs: np.ndarray, classes: list[str]) -> pd.DataFrame:

@@ -1,0 +1,133 @@
+"""Where each step's inputs and outputs are: the step keys and the output locators, in one place.
+
+``oof``, ``flag``, ``prune``, ``train`` and ``review`` find what an earlier step wrote through this
+module (its cache entry for this config, else the contract layout in ``paths.out_dir``), so step
+modules import this module and the core, never each other (``cycle`` aside). The common key parts
+(versions, images) are added by :func:`cleanloop.steps.common.entry_key`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cleanloop.config import file_hash, short_hash
+from cleanloop.errors import CleanloopError
+from cleanloop.folds import n_partly_blank
+from cleanloop.oof_file import EMBEDDING_IDS, EMBEDDINGS
+from cleanloop.steps.common import entry_key, find_entry, load_input, out_path, step_cache
+from cleanloop.training import recipe_hash
+
+
+def missing_group(cfg: DictConfig) -> str:
+    return str(cfg.data.get("missing_group") or "error")
+
+
+def own_groups(cfg: DictConfig, m) -> bool:
+    return missing_group(cfg) == "own" and "group" in m.train.columns and n_partly_blank(m.train["group"]) > 0
+
+
+def oof_entry_key(cfg: DictConfig, m) -> tuple[str, dict]:
+    """The OOF cache entry's key for the input manifest ``m`` and its lineage record."""
+    parts = oof_parts(cfg, file_hash(m.source), m.classes, own_groups=own_groups(cfg, m))
+    return entry_key(cfg, "oof", parts, m)
+
+
+def oof_parts(cfg: DictConfig, manifest_hash: str, classes: list[str], *, own_groups: bool = False) -> dict:
+    """Everything of the step that changes the OOF probabilities: data, classes, model, recipe, folds.
+
+    ``own_groups``: blank ``group`` cells were made their own groups (data.missing_group=own); only
+    then is it a part. The entry key adds the versions and the images (:func:`cleanloop.lineage.inputs`).
+    """
+    insample = cfg.oof.method == "insample"
+    embed = {"C": cfg.oof.C, "max_iter": cfg.oof.max_iter} if cfg.oof.method == "embed" else None
+    parts = {"data": manifest_hash, "classes": classes, "recipe": recipe_hash(cfg, with_seed=True),
+             "method": cfg.oof.method, "n_folds": None if insample else cfg.oof.n_folds,
+             "seed": None if insample else cfg.oof.seed, "embed": embed,
+             "checkpoint": checkpoint_identity(cfg.oof.get("checkpoint"))}
+    if own_groups and not insample:
+        parts["missing_group"] = "own"
+    if cfg.oof.method == "kfold" and int(cfg.oof.get("repeats", 1)) > 1:  # only then: older keys stay valid
+        parts["repeats"] = int(cfg.oof.repeats)
+    return parts
+
+
+def oof_key(cfg: DictConfig, manifest_hash: str, classes: list[str], *, own_groups: bool = False) -> str:
+    """A hash of :func:`oof_parts` (the step's own part of the entry key)."""
+    return short_hash(oof_parts(cfg, manifest_hash, classes, own_groups=own_groups))
+
+
+def checkpoint_identity(checkpoint) -> str | None:
+    """A content hash of the checkpoint's weight files, so a retrained checkpoint is a new key."""
+    if not checkpoint:
+        return None
+    path = Path(str(checkpoint))
+    files = sorted(path.rglob("*.safetensors")) + sorted(path.glob("*.json")) if path.is_dir() else [path]
+    return short_hash([file_hash(f) for f in files if f.is_file()])
+
+
+def oof_key_for(cfg: DictConfig, m) -> str:
+    return oof_entry_key(cfg, m)[0]
+
+
+def oof_input(cfg: DictConfig, m) -> Path:
+    """``flag.oof``; else the cached OOF of this config (so a flag sweep finds it from any job folder);
+    else ``oof/oof_probs.parquet`` in ``paths.out_dir``."""
+    if cfg.flag.get("oof"):
+        return Path(cfg.flag.oof)
+    entry = step_cache(cfg).find("oof", oof_key_for(cfg, m))
+    return entry.dir / "oof_probs.parquet" if entry else out_path(cfg, "oof", "oof_probs.parquet")
+
+
+def flag_parts(cfg: DictConfig, m, oof_path: Path) -> dict:
+    """The step's part of the key: the OOF file's content (and its embeddings), the manifest and the
+    flag options. The entry key adds the versions and the images (:func:`cleanloop.lineage.inputs`)."""
+    emb, ids = oof_path.with_name(EMBEDDINGS), oof_path.with_name(EMBEDDING_IDS)
+    options = {k: v for k, v in OmegaConf.to_container(cfg.flag, resolve=True).items() if k != "oof"}
+    parts = {"oof": file_hash(oof_path) if oof_path.is_file() else str(oof_path),
+             "embeddings": file_hash(emb) if emb.is_file() else None, "data": file_hash(m.source),
+             "classes": m.classes, "head": cfg.recipe.head, "flag": options}
+    if ids.is_file():  # only when present, so the keys of OOF folders without ids stay as they were
+        parts["embedding_ids"] = file_hash(ids)
+    return parts
+
+
+def issues_output(cfg: DictConfig, m) -> Path:
+    """Where this config's label_issues.csv is: its cache entry, else ``flag/`` in ``paths.out_dir``."""
+    entry = find_entry(cfg, "flag", flag_parts(cfg, m, oof_input(cfg, m)), m)
+    return entry.dir / "label_issues.csv" if entry else out_path(cfg, "flag", "label_issues.csv")
+
+
+def issues_input(cfg: DictConfig, m) -> Path:
+    if cfg.prune.get("issues"):
+        return Path(cfg.prune.issues)
+    return issues_output(cfg, m)
+
+
+def prune_parts(cfg: DictConfig, m, issues_path: Path) -> dict:
+    """The step's part of the key: the issues file, the manifest, the prune options and decisions."""
+    options = {k: v for k, v in OmegaConf.to_container(cfg.prune, resolve=True).items() if k not in ("issues", "decisions")}
+    decisions = Path(cfg.prune.decisions) if cfg.prune.get("decisions") else None
+    return {"issues": file_hash(issues_path) if issues_path.is_file() else str(issues_path),
+            "data": file_hash(m.source), "prune": options,
+            "decisions": file_hash(decisions) if decisions and decisions.is_file() else str(decisions)}
+
+
+def cleaned_output(cfg: DictConfig, m) -> Path | None:
+    """This config's cleaned manifest: its cache entry, else ``prune/`` in ``paths.out_dir``; None if neither."""
+    entry = find_entry(cfg, "prune", prune_parts(cfg, m, issues_input(cfg, m)), m)
+    folder = entry.dir if entry else out_path(cfg, "prune")
+    found = sorted(folder.glob("cleaned_manifest.*"))
+    return found[0] if found else None
+
+
+def cleaned_manifest_path(cfg: DictConfig, source=None) -> Path:
+    """The cleaned manifest of this config (its prune cache entry, else ``prune/`` in ``paths.out_dir``)."""
+    found = cleaned_output(cfg, source if source is not None else load_input(cfg))
+    if found is None:
+        raise CleanloopError(
+            f"{out_path(cfg, 'prune')}: no cleaned_manifest yet; run `cleanloop prune` (or `make prune`) first"
+        )
+    return found
+
