@@ -1,4 +1,4 @@
-"""``make bench``: measure B1-B5 (B6 on a GPU machine), print them, rewrite bench/RESULTS.md.
+"""``make bench``: measure B1-B5 and B8 (B6 on a GPU machine), print them, rewrite bench/RESULTS.md.
 
 B1: 121,514 rows x 25 classes in memory, the size of the team's dataset. B2: ImageNet's
 1,281,167 x 1,000 float32, memory-mapped from a temporary .npy (5 GB on disk, deleted after),
@@ -8,7 +8,8 @@ bare...) so that load from other work on the machine hits them alike.
 
 B3 (bench/b3.py): the OOF prediction path against the bare model forward, with and without the
 image cache. B4 (bench/b4.py): oof=embed against oof=kfold on the demo. B5: `cleanloop cycle`
-(what `make cycle` runs) on the demo in a fresh folder. B6 (bench/gpu.py) runs only where CUDA
+(what `make cycle` runs) on the demo in a fresh folder. B8 (bench/b8.py): one demo training under
+the CPU speed options of model=cnn (channels_last, the multi-tensor AdamW), each off. B6 (bench/gpu.py) runs only where CUDA
 is; elsewhere the section shows the last recorded GPU run (bench/results/b6-*.json).
 B7 (bench/efficacy.py, ``make bench-efficacy``): cleanloop against a CleanLearning-style peer on
 noisy digits; about 15 minutes on 2 cores, so only on request (``--parts b7``), else carried over.
@@ -46,7 +47,7 @@ B2_REFERENCE_ROWS = 128_117  # the in-memory path at a tenth of B2's rows, for i
 B2_DISK_BYTES = B2_SHAPE[0] * B2_SHAPE[1] * 4 + 2 * B2_SHAPE[0] * 8
 TARGETS = {"b1_wall_s": 2.0, "b1_peak_mib": 1024, "b1_ratio": 3.0, "b2_wall_s": 300.0, "b2_peak_mib": 16 * 1024,
            "b3_ratio": 0.9, "b4_ratio": 0.2}
-PARTS = ("b1", "b2", "b3", "b4", "b5")  # what `make bench` runs by default
+PARTS = ("b1", "b2", "b3", "b4", "b5", "b8")  # what `make bench` runs by default
 OPT_IN = ("b7",)  # run only when named in --parts (make bench-efficacy)
 
 
@@ -422,6 +423,28 @@ def b5_section(r: dict, m: dict) -> str:
     ])
 
 
+def b8_section(r: dict, m: dict) -> str:
+    rows = r["rows"]
+    base = rows["both off"]["median_s"]
+    lines = [
+        "## B8: one demo training under the CPU speed options (bench/b8.py)",
+        "",
+        f"Measured {m['date']} at commit {m['commit']}.",
+        f"`training.fit_predict` of the demo baseline (model=cnn, {next(iter(rows.values()))['n_train']} train rows, the",
+        "recipe's epochs, then the 450 test rows), in fresh processes per variant, variants interleaved; each process",
+        f"trains {r['fits']} times and the first fit (warm-up) is not counted: {r['repeats'] * (r['fits'] - 1)} timed fits per variant.",
+        "",
+        "| variant | s per fit (min / median) | vs both off | test top-1 |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, row in rows.items():
+        lines.append(f"| {name} | {row['min_s']:.2f} / {row['median_s']:.2f} | {row['median_s'] / base:.2f}x | "
+                     f"{row['test_top1']:.3f} |")
+    lines += ["", "Both options change only how the same arithmetic is laid out (NHWC memory, one optimizer call for all",
+              "tensors), so test top-1 moves by summation order at most."]
+    return "\n".join(lines)
+
+
 def b6_reading(rows: list[dict]) -> str:
     """What the B6 table says, computed from its rows."""
     def ips(part: str, batch: int | None = None) -> float | None:
@@ -500,7 +523,7 @@ def render(m: dict, sections: dict[str, str]) -> str:
         "",
         "Sections measured in an earlier run (`--parts`) say their own date and commit.",
         "",
-        "\n\n".join(sections[p] for p in (*PARTS, "b6", *OPT_IN)),
+        "\n\n".join(sections[p] for p in sorted(sections)),
         "",
     ])
 
@@ -516,6 +539,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--b3-repeats", type=int, default=3)
     p.add_argument("--b4-repeats", type=int, default=2)
     p.add_argument("--b5-repeats", type=int, default=1)
+    p.add_argument("--b8-repeats", type=int, default=2)
     p.add_argument("--tmp-dir", type=Path, default=Path(tempfile.gettempdir()), help="where B2 writes its 5 GB")
     p.add_argument("--b7-args", default="", help='arguments for bench/efficacy.py, e.g. "--quick" or '
                                                  '"--cleanloop \'recipe.epochs=10\'"')
@@ -545,6 +569,9 @@ def main(argv: list[str] | None = None) -> None:
     if "b5" in parts:
         print(f"B5: cleanloop cycle on the demo, {a.b5_repeats} run(s)", flush=True)
         sections["b5"] = b5_section(b5(a.b5_repeats), m)
+    if "b8" in parts:
+        print(f"B8: one demo training under the CPU speed options, {a.b8_repeats} repeats", flush=True)
+        sections["b8"] = b8_section(script_json("b8.py", "--repeats", str(a.b8_repeats)), m)
     if "b7" in parts:
         print("B7: efficacy, cleanloop against a CleanLearning-style peer (bench/efficacy.py)", flush=True)
         sections["b7"] = b7_section(shlex.split(a.b7_args))

@@ -115,8 +115,19 @@ def test_image_modes_are_converted(tmp_path):
 def test_fused_adamw_is_asked_for_only_when_the_recipe_leaves_it_open():
     import functools
 
-    from cleanloop.model import _takes_fused
+    from cleanloop.model import _takes
 
-    assert _takes_fused(functools.partial(torch.optim.AdamW, weight_decay=0.05))
-    assert not _takes_fused(functools.partial(torch.optim.AdamW, fused=False))  # the recipe's choice stands
-    assert not _takes_fused(torch.optim.LBFGS)  # no fused kernel
+    assert _takes(functools.partial(torch.optim.AdamW, weight_decay=0.05), "fused")
+    assert not _takes(functools.partial(torch.optim.AdamW, fused=False), "fused")  # the recipe's choice stands
+    assert not _takes(torch.optim.LBFGS, "fused")  # no fused kernel
+    assert not _takes(functools.partial(torch.optim.AdamW, foreach=False), "foreach")
+
+
+def test_cpu_training_uses_the_multi_tensor_optimizer_unless_the_recipe_says_otherwise(cfg_factory):
+    from cleanloop.training import build_module
+
+    module = build_module(cfg_factory("model=cnn", "recipe.scheduler=null"), ["a", "b"])
+    assert module.configure_optimizers().defaults["foreach"] is True
+    module = build_module(cfg_factory("model=cnn", "recipe.scheduler=null", "+recipe.optimizer.foreach=false"),
+                          ["a", "b"])
+    assert module.configure_optimizers().defaults["foreach"] is False

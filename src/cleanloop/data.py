@@ -131,30 +131,32 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, paths: Sequence[str], uuids: Sequence[str], labels: Sequence[int],
-                 transform: ImageTransform, cached: CacheReader | None = None):
+                 transform: ImageTransform, cached: CacheReader | None = None, *, with_ids: bool = True):
         self.paths, self.uuids = list(paths), list(uuids)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform, self.cached = transform, cached
+        # Train and val batches leave the ids out: Lightning walks every element of a batch's
+        # lists when it moves the batch to the device (thousands of calls per epoch).
+        self.with_ids = with_ids
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
         pixels = to_chw(self.cached[i]) if self.cached is not None else _MEMORY_CACHE.get(self.paths[i], self.transform)
-        return {
-            "pixel_values": pixels,
-            "label": int(self.labels[i]),
-            "image_uuid": self.uuids[i],
-        }
+        item = {"pixel_values": pixels, "label": int(self.labels[i])}
+        if self.with_ids:
+            item["image_uuid"] = self.uuids[i]
+        return item
 
 
 def make_dataset(df: pd.DataFrame, classes: Sequence[str], transform,
-                 image_cache: DiskImageCache | None = None) -> ImageDataset:
+                 image_cache: DiskImageCache | None = None, *, with_ids: bool = True) -> ImageDataset:
     index = {c: i for i, c in enumerate(classes)}
     labels = df["label"].map(index).fillna(-1).astype(int).to_numpy()
     paths = df["abs_path"].tolist()
     cached = image_cache.ensure(paths) if image_cache is not None else None
-    return ImageDataset(paths, df["image_uuid"].tolist(), labels, transform, cached)
+    return ImageDataset(paths, df["image_uuid"].tolist(), labels, transform, cached, with_ids=with_ids)
 
 
 class ManifestDataModule(L.LightningDataModule):
@@ -187,9 +189,9 @@ class ManifestDataModule(L.LightningDataModule):
             raise ValueError(f"image cache size {image_cache.size} != image_size {image_size}")
         self.image_cache = image_cache
 
-    def _loader(self, df: pd.DataFrame, *, shuffle: bool) -> DataLoader:
+    def _loader(self, df: pd.DataFrame, *, shuffle: bool, with_ids: bool = False) -> DataLoader:
         return DataLoader(
-            make_dataset(df, self.classes, self.transform, self.image_cache),
+            make_dataset(df, self.classes, self.transform, self.image_cache, with_ids=with_ids),
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
@@ -206,4 +208,4 @@ class ManifestDataModule(L.LightningDataModule):
         return self._loader(self.frames["val"], shuffle=False)
 
     def predict_dataloader(self) -> list[DataLoader]:
-        return [self._loader(df, shuffle=False) for df in self.predict_frames.values()]
+        return [self._loader(df, shuffle=False, with_ids=True) for df in self.predict_frames.values()]

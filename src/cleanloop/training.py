@@ -43,8 +43,10 @@ class EpochLog(L.Callback):
             return
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
         epoch = trainer.current_epoch
-        log.info("%sepoch %d/%d %s", self.prefix, epoch + 1, trainer.max_epochs,
-                 " ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
+        # under a step budget (recipe.budget=steps) Lightning's max_epochs is -1: show the steps instead
+        of = (f"{epoch + 1}/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0
+              else f"{epoch + 1} (step {trainer.global_step}/{trainer.max_steps})")
+        log.info("%sepoch %s %s", self.prefix, of, " ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
         import mlflow  # here, not at the top: bench/gpu.py runs the predict path without MLflow
 
         if mlflow.active_run() is not None:
@@ -79,6 +81,7 @@ def build_module(cfg: DictConfig, classes: Sequence[str]) -> Classifier:
         head_lr=recipe.get("head_lr"),
         warmup_fraction=recipe.get("warmup_fraction", 0.0),
         augment=OmegaConf.to_container(recipe.augment, resolve=True) if recipe.get("augment") else None,
+        channels_last=bool(cfg.model.get("channels_last", False)),
     )
     if cfg.model.get("compile"):
         module.backbone.compile()  # in place: parameter names and save_pretrained stay as they were
