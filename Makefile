@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP) ## create .venv (torch from TORCH, then the project)
 
 test: $(STAMP) ## the whole test suite, slow end-to-end tests included (CI runs this); TEST_WORKERS=1 for one process
-	$(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the tests not marked slow
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
@@ -72,8 +72,9 @@ sweep: $(STAMP) ## multirun: cleanlab's filter_by x recipe.seed, ending with swe
 	$(BIN)/cleanloop cycle -m flag.filter_by=prune_by_noise_rate,both,confident_learning recipe.seed=0,1,2 compare.seeds=1 $(ARGS)
 
 ui: $(STAMP) ## MLflow UI on the project's store at 127.0.0.1:$(UI_PORT)
+# (MLflow 3 also starts GenAI job workers, e.g. online scoring, that cleanloop never uses: off)
 	@$(BIN)/python -m cleanloop.tracking --uri "$(STORE)" --port $(UI_PORT)
-	$(BIN)/mlflow ui --backend-store-uri "$(STORE)" --host 127.0.0.1 --port $(UI_PORT)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri "$(STORE)" --host 127.0.0.1 --port $(UI_PORT)
 
 bench: $(STAMP) ## benchmarks B1-B5, B8 (B6 where CUDA is); rewrites bench/RESULTS.md. ARGS="--parts b1,b4" for some
 	$(BIN)/python bench/run.py $(ARGS)

@@ -43,6 +43,37 @@ def demo_dir(tmp_path_factory) -> Path:
     return out
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_cycle(tmp_path_factory, demo_dir):
+    """`cleanloop cycle` on the demo, run once per test process by the real CLI: (root, result, UI port).
+
+    Its links point at a UI port chosen here (`tracking.ui_url`), where the browser test starts a real
+    MLflow server. Tests that use it carry ``@pytest.mark.xdist_group("demo_cycle")`` so that
+    pytest-xdist (`--dist loadgroup`) runs them in one process and the demo cycle runs once.
+    """
+    root = tmp_path_factory.mktemp("demo_cycle")
+    port = free_port()
+    args = ["cycle", f"data.manifest={demo_dir}/manifest.csv", f"paths.root_dir={root}",
+            f"tracking.ui_url=http://127.0.0.1:{port}"]
+    return root, run_cli(*args, cwd=root, timeout=900), port
+
+
+def artifacts_dir(name: str) -> Path:
+    """Where tests leave files for people to look at (screenshots): $CLEANLOOP_TEST_ARTIFACTS, else
+    test-artifacts/ in the checkout (CI keeps it)."""
+    out = Path(os.environ.get("CLEANLOOP_TEST_ARTIFACTS") or REPO / "test-artifacts") / name
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def write_png(path: Path, value: int, size: int = 16, mode: str = "RGB") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(value)

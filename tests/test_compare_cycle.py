@@ -15,12 +15,13 @@ from cleanloop.errors import CleanloopError
 from cleanloop.steps import compare
 from cleanloop.steps.train import probs_frame
 
-from conftest import make_cfg, run_cli
+from conftest import make_cfg
 
 CLASSES = ["a", "b", "c"]
 
 
-def log_train_run(cfg, role: str, *, recipe: str = "r1", seed: int = 0, correct: float = 0.8, rng_seed: int = 0):
+def log_train_run(cfg, role: str, *, recipe: str = "r1", seed: int = 0, correct: float = 0.8, rng_seed: int = 0,
+                  data: str = "d1"):
     """A finished train run as `cleanloop train` leaves it: tags plus test_predictions.parquet."""
     from cleanloop.tracking import setup
 
@@ -30,7 +31,8 @@ def log_train_run(cfg, role: str, *, recipe: str = "r1", seed: int = 0, correct:
     preds = np.where(rng.random(300) < correct, labels, (labels + 1) % 3)
     probs = np.eye(3)[preds]
     tags = {"cleanloop.step": "train", "cleanloop.role": role, "cleanloop.recipe": recipe,
-            "cleanloop.test": "t1", "cleanloop.source_data": "d1", "cleanloop.seed": str(seed)}
+            "cleanloop.test": "t1", "cleanloop.source_data": "d1", "cleanloop.seed": str(seed),
+            "cleanloop.data": data if role == "cleaned" else "d1"}
     with mlflow.start_run(tags=tags) as run:
         folder = Path(cfg.paths.root_dir) / run.info.run_id
         folder.mkdir()
@@ -55,6 +57,30 @@ def test_compare_refuses_runs_of_different_recipes(tmp_path):
         compare.run(make_cfg(tmp_path, f"compare.baseline={a}", f"compare.cleaned={b}"))
     with pytest.raises(CleanloopError, match="has no baseline of the same recipe"):
         compare.run(cfg)  # automatic pairing finds no baseline with the cleaned run's recipe
+
+
+def test_compare_pairs_by_the_cleaned_manifest_and_lists_candidates_when_it_cannot_tell(tmp_path):
+    from cleanloop.config import file_hash
+
+    cfg = make_cfg(tmp_path, "compare.n_bootstrap=50")
+    mine = tmp_path / "mine.csv"
+    mine.write_text("image_uuid,path,label,split\n")
+    other = tmp_path / "other.csv"
+    other.write_text("image_uuid,path,label,split\nx,x.png,a,train\n")
+    base = log_train_run(cfg, "baseline")
+    a = log_train_run(cfg, "cleaned", data=file_hash(mine), rng_seed=1)
+    b = log_train_run(cfg, "cleaned", data=file_hash(other), rng_seed=2)  # the latest cleaned run
+    # no cleaned manifest of this config's own (nothing pruned here): two candidates, refused and listed
+    with pytest.raises(CleanloopError, match=rf"2 cleaned manifest\(s\).*{a}.*{b}|2 cleaned manifest\(s\).*{b}.*{a}"):
+        compare.run(cfg)
+    # this config's cleaned manifest names the cleaned run, though another one is newer
+    summary = compare.run(make_cfg(tmp_path, "compare.n_bootstrap=50", f"cleaned_manifest={mine}"))
+    assert summary["baseline_runs"] == [base] and summary["cleaned_runs"] == [a]
+    # a cleaned manifest that no run trained on is refused, never paired with another manifest's run
+    third = tmp_path / "third.csv"
+    third.write_text("image_uuid,path,label,split\ny,y.png,b,train\n")
+    with pytest.raises(CleanloopError, match=rf"this config's, {third}, has no cleaned run"):
+        compare.run(make_cfg(tmp_path, f"cleaned_manifest={third}"))
 
 
 def test_compare_pairs_seeds_and_writes_outputs(tmp_path):
@@ -93,10 +119,11 @@ def test_flag_sets_side_by_side(tmp_path):
 
 
 @pytest.mark.slow
-def test_cycle_on_demo_end_to_end(tmp_path, demo_dir):
-    # A second, fully cached cycle is tested on a tiny manifest (test_lineage, test_sweep): the demo runs once.
-    args = ["cycle", f"data.manifest={demo_dir}/manifest.csv", f"paths.root_dir={tmp_path}"]
-    r = run_cli(*args, cwd=tmp_path, timeout=900)
+@pytest.mark.xdist_group("demo_cycle")
+def test_cycle_on_demo_end_to_end(demo_cycle, demo_dir):
+    # A second, fully cached cycle is tested on a tiny manifest (test_lineage, test_sweep): the demo runs
+    # once (the `demo_cycle` fixture), and the MLflow browser test reads the same store.
+    tmp_path, r, _ = demo_cycle
     assert r.returncode == 0, r.stderr[-3000:]
     assert "balanced accuracy" in r.stdout and "recall moved most" in r.stdout and "mislabel_candidates.png" in r.stdout
     summary = json.loads((tmp_path / "outputs" / "demo" / "summary.json").read_text())

@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 
+from cleanloop.data import ImageDataset
 from cleanloop.errors import CleanloopError
 from cleanloop.manifest import load_manifest
 from cleanloop.training import fit_predict, make_datamodule, step_budget, steps_per_epoch
@@ -57,23 +58,36 @@ def test_cleaned_run_gets_the_stated_budget(cfg_factory, frames, budget, steps, 
 
 
 class SeenRows(L.Callback):
-    """Records which rows each loop fed the model."""
+    """Records which rows each loop fed the model: the rows its dataset handed out while it ran (train
+    and val batches carry no ids, so the dataset's reads are watched)."""
 
-    def __init__(self):
+    def __init__(self, monkeypatch):
         self.val: set[str] = set()
         self.train: set[str] = set()
+        self.loop: list[str] = ["train"]
+        read = ImageDataset.__getitem__
 
-    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
-        self.val.update(batch["image_uuid"])
+        def watched(ds, i):
+            if self.loop:
+                getattr(self, self.loop[-1]).add(ds.uuids[i])
+            return read(ds, i)
 
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.train.update(batch["image_uuid"])
+        monkeypatch.setattr(ImageDataset, "__getitem__", watched)
+
+    def on_validation_start(self, trainer, module):
+        self.loop.append("val")
+
+    def on_validation_end(self, trainer, module):
+        self.loop.pop()
+
+    def on_fit_end(self, trainer, module):
+        self.loop.clear()  # the predictions after fitting are not training
 
 
-def test_best_val_checkpoint_reads_val_rows_only(cfg_factory, frames):
+def test_best_val_checkpoint_reads_val_rows_only(cfg_factory, frames, monkeypatch):
     path, m = frames
     cfg = cfg_factory(*TINY, f"data.manifest={path}", "recipe.epochs=4", "recipe.checkpoint=best_val")
-    seen = SeenRows()
+    seen = SeenRows(monkeypatch)
     module, preds = fit_predict(cfg, m.classes, m.train, val=m.split("val"), callbacks=[seen],
                                 predict_frames={"test": m.split("test")})
     test_ids = set(m.split("test")["image_uuid"])

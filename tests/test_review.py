@@ -19,7 +19,15 @@ import pytest
 
 from cleanloop.oof_file import oof_frame, write_oof
 from cleanloop.pruning import read_decisions
-from cleanloop.review_page import flagged_rows, page_html, page_rows, script_json, thumb_name, top_classes
+from cleanloop.review_page import (
+    data_uri,
+    flagged_rows,
+    page_html,
+    page_rows,
+    script_json,
+    thumb_name,
+    top_classes,
+)
 from cleanloop.steps import flag, prune, review
 
 from conftest import make_cfg, write_png
@@ -248,7 +256,8 @@ def test_review_with_keyboard_then_prune_applies_the_decisions(browser, store, t
     flag_run = json.loads((out / "flag" / "flag_summary.json").read_text())["run_id"]
     client = mlflow.MlflowClient()
     logged = {a.path for a in client.list_artifacts(flag_run, "review")}
-    assert {"review/index.html", "review/thumbs", "review/screenshot.png", "review/decisions.csv"} <= logged
+    assert {"review/index.html", "review/screenshot.png", "review/decisions.csv"} <= logged
+    assert "review/thumbs" not in logged  # the logged page carries its thumbnails (issue 14)
     runs = mlflow.search_runs(search_all_experiments=True,
                               filter_string=f"tags.`cleanloop.step` = 'review' and tags.`cleanloop.flag_run` = '{flag_run}'")
     assert len(runs) == 2 and runs["tags.cleanloop.reviewed"].tolist() == ["true", "false"]  # newest first
@@ -394,3 +403,131 @@ def test_screenshot_waits_for_a_late_ready_signal(tmp_path, monkeypatch):
     why = review.take_screenshot(index, shot, chromium=CHROMIUM, viewport=(1280, 900), timeout_s=30)
     assert why is None and shot.stat().st_size > 5_000
     assert time.time() - t0 > 1.5  # it did wait for the signal
+
+
+# -- the copy logged to MLflow, in MLflow's artifact viewer (issue 14) ---------------------------------
+
+VIEWER = "http://mlflow-ui.test"  # served by a Playwright route: nothing leaves the machine
+
+
+def open_in_mlflow_viewer(browser, html: str):
+    """``html`` shown the way MLflow 3.17's artifact viewer shows an HTML artifact.
+
+    Its ShowArtifactHtmlView fetches the file's text and renders
+    ``<iframe src=URL.createObjectURL(new Blob([html], {type: "text/html"})) sandbox="allow-scripts">``
+    (``mlflow/server/js/build/static/js/930.*.chunk.js``): scripts run, but the document has an
+    opaque origin (no localStorage), no downloads, and a ``blob:`` base URL that no relative
+    ``thumbs/...`` address can resolve against. Returns (frame, context, console errors).
+    """
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    tab = ctx.new_page()
+    problems: list[str] = []
+    tab.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    tab.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    tab.route(VIEWER + "/**", lambda route: route.fulfill(
+        status=200, content_type="text/html", body="<!doctype html><title>MLflow</title><body style='margin:0'></body>"))
+    tab.goto(VIEWER + "/")
+    tab.evaluate("""html => {
+        const f = document.createElement("iframe");
+        f.setAttribute("sandbox", "allow-scripts");
+        f.style.cssText = "display:block;border:0;width:1280px;height:2400px";
+        f.src = URL.createObjectURL(new Blob([html], { type: "text/html" }));
+        document.body.append(f);
+    }""", html)
+    frame = tab.wait_for_selector("iframe").content_frame()
+    frame.wait_for_selector("body[data-ready='1']", state="attached")
+    return frame, ctx, problems
+
+
+def settled_images(frame, timeout_s: float = 20) -> list[tuple[str, int]]:
+    """(src, naturalWidth) of every ``<img>`` once each has loaded or failed."""
+    deadline = time.monotonic() + timeout_s
+    while not frame.evaluate("() => [...document.images].every(i => i.complete)"):
+        assert time.monotonic() < deadline, "thumbnails still loading"
+        time.sleep(0.05)
+    return [tuple(x) for x in frame.evaluate("() => [...document.images].map(i => [i.getAttribute('src'), i.naturalWidth])")]
+
+
+def page_data(html: str) -> dict:
+    return json.loads(re.search(r'<script type="application/json" id="review-data">(.*?)</script>', html, re.S).group(1))
+
+
+@needs_browser
+def test_logged_page_shows_its_thumbnails_in_mlflows_artifact_viewer(browser, store, tiny_manifest, tmp_path):
+    compose, issues = flagged_setup(tmp_path, tiny_manifest, ["bright", "dark", "mid"], CONTRADICTED, *store,
+                                    "review.screenshot=false")
+    cfg = compose()
+    flagged = issues[(issues["is_label_issue"] == "True") | (issues["is_outlier"] == "True")]
+    index = review.run(cfg)
+    out = Path(cfg.paths.out_dir)
+    flag_run = json.loads((out / "flag" / "flag_summary.json").read_text())["run_id"]
+    logged = Path(mlflow.artifacts.download_artifacts(run_id=flag_run, artifact_path="review/index.html",
+                                                      dst_path=str(tmp_path / "downloaded")))
+    assert not (logged.parent / "thumbs").exists()
+    html = logged.read_text(encoding="utf-8")
+    local = index.read_text(encoding="utf-8")
+    assert "thumbs/" in local and "thumbs/" not in html  # no relative image address left in the logged copy
+    sources = [r[1] for r in page_data(html)["rows"]]
+    assert len(sources) == len(flagged) and all(s.startswith("data:image/png;base64,") for s in sources)
+    summary = json.loads((out / "review" / "review_summary.json").read_text())
+    assert summary["n_embedded"] == len(flagged) and summary["logged_page_bytes"] == len(html.encode())
+
+    # the harness reproduces the issue: the local page (thumbs/ beside it) shows no image in the viewer
+    frame, ctx, _ = open_in_mlflow_viewer(browser, local)
+    broken = settled_images(frame)
+    assert len(broken) == len(flagged) and all(w == 0 for _, w in broken)
+    ctx.close()
+
+    frame, ctx, problems = open_in_mlflow_viewer(browser, html)
+    assert frame.evaluate("() => self.origin") == "null"  # sandboxed: an opaque origin, as in MLflow
+    assert len(frame.query_selector_all("#grid .card")) == len(flagged)
+    images = settled_images(frame)
+    assert len(images) == len(flagged)
+    assert all(src.startswith("data:") and width == 16 for src, width in images), images
+    assert "self-contained" in frame.inner_text(".details")
+    assert not frame.is_hidden("#warn")  # no localStorage in the sandbox: the page says decisions are not kept
+    # Export: the sandbox blocks the download, so the framed page shows the CSV to copy
+    first = frame.get_attribute("#grid .card", "data-uuid")
+    frame.click("#grid .card button.keep")
+    frame.click("#export")
+    assert frame.is_visible("#export-box")
+    assert frame.input_value("#export-text") == f"image_uuid,decision,reviewer_note\n{first},keep,\n"
+    frame.click("#export-close")
+    assert frame.is_hidden("#export-box")
+    ctx.close()
+    assert all("Download is disallowed" in p for p in problems), problems  # the blocked download, nothing else
+
+
+@needs_browser
+def test_logged_page_embeds_only_the_first_rows_past_its_size_cap(browser, tmp_path, monkeypatch):
+    classes = ["a", "b", "c"]
+    issues = pd.DataFrame({"image_uuid": [f"u{i}" for i in range(6)], "given_label": "a", "predicted_label": "b",
+                           "label_quality": np.linspace(0.1, 0.6, 6), "is_label_issue": True, "outlier_score": 0.0,
+                           "is_outlier": False})
+    thumbs_dir = tmp_path / "thumbs"
+    thumbs = []
+    for i in range(6):
+        write_png(tmp_path / "src" / f"{i}.png", 30 * i)
+        thumbs.append(review.make_thumb(str(tmp_path / "src" / f"{i}.png"), thumbs_dir, f"u{i}", size=224))
+    rows = page_rows(flagged_rows(issues), np.full((6, 3), 1 / 3), classes=classes, thumbs=thumbs, sources=[""] * 6)
+    common = {"classes": classes, "title": "cap", "storage_key": "test-cap", "initial": {}, "thumb_size": 224}
+    index = tmp_path / "index.html"
+    monkeypatch.setattr(review, "LOGGED_PAGE_MAX_BYTES", 0)
+    bare, n = review._logged_page(rows, thumbs, thumbs_dir, index, {}, common)
+    assert n == 0
+    two = sum(len(data_uri(name, (thumbs_dir / name).read_bytes())) for name, _, _ in thumbs[:2])
+    monkeypatch.setattr(review, "LOGGED_PAGE_MAX_BYTES", len(bare.encode()) + 4096 + two + 10)
+    html, n = review._logged_page(rows, thumbs, thumbs_dir, index, {}, common)
+    assert n == 2 and len(html.encode()) <= review.LOGGED_PAGE_MAX_BYTES
+    sources = [r[1] for r in page_data(html)["rows"]]
+    assert [s[:5] for s in sources] == ["data:"] * 2 + [""] * 4  # the first rows (lowest quality) only
+    assert "2 of 6 thumbnails embedded" in html and "capped at" in html
+
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    tab = ctx.new_page()
+    tab.set_content(html)
+    tab.wait_for_selector("body[data-ready='1']", state="attached")
+    assert tab.eval_on_selector_all("#grid .card .noimg", "ns => ns.map(n => n.textContent)") == \
+        ["thumbnail not embedded in this copy"] * 4
+    assert len(settled_images(tab)) == 2
+    ctx.close()

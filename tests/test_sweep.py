@@ -62,6 +62,12 @@ def test_cycle_multirun_trains_the_folds_once(tiny_manifest, tmp_path):
     cycles = runs_of(uri, "cycle")
     assert len(parent) == 1 and len(cycles) == 3
     assert (cycles["tags.mlflow.parentRunId"] == parent.iloc[0]["run_id"]).all()
+    # the parent run's description is the table of the sweep's points, best first
+    note = parent.iloc[0]["tags.mlflow.note.content"].splitlines()
+    assert note[0].startswith("**Sweep: 3 point(s), best first**") and note[2].startswith("| option | verdict |")
+    rows = [line for line in note[4:] if line.startswith("| flag.filter_by=")]
+    assert [r.split(" | ")[0][2:] for r in rows] == table["option"].tolist()
+    assert all(f"{d:+.4f}" in r for r, d in zip(rows, table["delta_balanced_accuracy"], strict=True))
 
 
 def test_flag_multirun_from_the_cli_finds_the_cached_oof(tiny_manifest, tmp_path):

@@ -71,6 +71,10 @@ MONTAGE_BACKGROUND = (255, 255, 255)
 MONTAGE_TEXT = (20, 20, 20)
 MONTAGE_PLACEHOLDER = (190, 190, 190)  # unreadable image
 MONTAGE_BORDER = (200, 200, 200)
+MONTAGE_MARK = (230, 110, 0)  # frame of a marked cell (the flag step marks outliers) and its legend swatch
+MONTAGE_MARK_WIDTH = 4  # inside the cell's padding: it never covers the image or the caption
+MONTAGE_LEGEND_BACKGROUND = (241, 243, 245)  # the legend band under the grid
+MONTAGE_LEGEND_MIN_WIDTH = 420  # a grid of one or two cells is widened so the legend stays readable
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,6 +611,32 @@ def _thumbnail(path: str, thumb: int, font) -> Image.Image:
     return tile
 
 
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> list[str]:
+    """``text`` broken at spaces into lines no wider than ``width`` (a longer word is cut with an ellipsis)."""
+    out: list[str] = []
+    line = ""
+    for word in text.split():
+        trial = f"{line} {word}" if line else word
+        if line and _text_width(draw, trial, font) > width:
+            out.append(line)
+            trial = word
+        line = trial
+    out.append(line)
+    return [_fit(draw, x, font, width) for x in out]
+
+
+def _legend_lines(draw, legend: Sequence[str], mark_label: str, font, width: float, line_h: int):
+    """The legend band's lines as (indent, text, swatch?): ``legend``, then the mark's line after a swatch."""
+    out: list[tuple[int, str, bool]] = []
+    for text in legend:
+        out.extend((0, line, False) for line in _wrap(draw, str(text), font, width))
+    if mark_label:
+        indent = line_h + 2
+        for j, line in enumerate(_wrap(draw, mark_label, font, width - indent)):
+            out.append((indent, line, j == 0))
+    return out
+
+
 def render_montage(
     paths: Sequence[str],
     captions: Sequence[str],
@@ -614,6 +644,9 @@ def render_montage(
     *,
     columns: int = 10,
     thumb: int = 96,
+    marked: Sequence[bool] | None = None,
+    mark_label: str = "",
+    legend: Sequence[str] = (),
 ) -> Path:
     """Draw the images in a grid, each captioned underneath, and write it as a PNG (atomically).
 
@@ -630,6 +663,13 @@ def render_montage(
         Images per row (fewer when there are fewer images).
     thumb : int
         Side of each thumbnail's square, in pixels.
+    marked : sequence of bool, shape (n,), optional
+        Cells to frame in ``MONTAGE_MARK`` (the flag step marks its outliers).
+    mark_label : str
+        What the frame means; drawn in the legend after a swatch of the frame's colour.
+    legend : sequence of str
+        Lines that explain the picture (what a caption says, the order), drawn in a band under
+        the grid and wrapped to its width. With neither ``legend`` nor ``mark_label``, no band.
 
     Returns
     -------
@@ -640,6 +680,8 @@ def render_montage(
         raise CleanloopError(f"render_montage got {len(paths)} path(s) but {len(captions)} caption(s)")
     if columns < 1 or thumb < 16:
         raise CleanloopError(f"render_montage needs columns >= 1 and thumb >= 16 (got {columns}, {thumb})")
+    if marked is not None and len(marked) != len(paths):
+        raise CleanloopError(f"render_montage got {len(paths)} path(s) but {len(marked)} marked flag(s)")
     font = _font(max(11, thumb // 7))
     ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (11, 3)
     line_h = ascent + descent + 2
@@ -660,11 +702,18 @@ def render_montage(
     cell_h = thumb + max(len(c) for c in lines) * line_h + 2 * MONTAGE_PAD
     n_cols = min(columns, len(paths))
     n_rows = math.ceil(len(paths) / n_cols)
-    img = Image.new("RGB", (n_cols * cell_w, n_rows * cell_h), MONTAGE_BACKGROUND)
+    grid_w, grid_h = n_cols * cell_w, n_rows * cell_h
+    width = max(grid_w, MONTAGE_LEGEND_MIN_WIDTH) if (legend or mark_label) else grid_w
+    band = _legend_lines(measure, legend, mark_label, font, width - 2 * MONTAGE_PAD, line_h)
+    band_h = len(band) * line_h + 2 * MONTAGE_PAD if band else 0
+    img = Image.new("RGB", (width, grid_h + band_h), MONTAGE_BACKGROUND)
     draw = ImageDraw.Draw(img)
     for i, (path, cap) in enumerate(zip(paths, lines, strict=True)):
         x0, y0 = (i % n_cols) * cell_w, (i // n_cols) * cell_h
         img.paste(_thumbnail(str(path), thumb, font), (x0 + (cell_w - thumb) // 2, y0 + MONTAGE_PAD))
+        if marked is not None and marked[i]:
+            draw.rectangle([x0 + 1, y0 + 1, x0 + cell_w - 2, y0 + cell_h - 2], outline=MONTAGE_MARK,
+                           width=MONTAGE_MARK_WIDTH)
         y = y0 + MONTAGE_PAD + thumb + 2
         for line in cap:
             draw.text(
@@ -674,5 +723,16 @@ def render_montage(
                 font=font,
                 anchor="ma",
             )
+            y += line_h
+    if band:
+        draw.rectangle([0, grid_h, width - 1, grid_h + band_h - 1], fill=MONTAGE_LEGEND_BACKGROUND)
+        draw.line([0, grid_h, width - 1, grid_h], fill=MONTAGE_BORDER)
+        y = grid_h + MONTAGE_PAD
+        for indent, line, swatch in band:
+            if swatch:
+                side = line_h - 4
+                draw.rectangle([MONTAGE_PAD, y + 1, MONTAGE_PAD + side, y + 1 + side], outline=MONTAGE_MARK,
+                               width=max(2, side // 4))
+            draw.text((MONTAGE_PAD + indent, y), line, fill=MONTAGE_TEXT, font=font)
             y += line_h
     return write_atomic(out_path, lambda p: img.save(p, format="PNG"))

@@ -20,6 +20,7 @@ STEPS = {
 }
 
 USAGE = """usage: cleanloop <step> [hydra overrides] [-m for a multirun]
+       cleanloop cache-steps list|prune [--older-than DAYS] [--max-gb GB] [--dry-run] [overrides]
 
 steps: {steps}
 examples:
@@ -28,6 +29,7 @@ examples:
   cleanloop flag -m flag.filter_by=prune_by_noise_rate,both
   cleanloop cache data=manifest data.manifest=/data/train.csv model=medsiglip   # then data.cache=true
   cleanloop train --cfg job          # print the composed config
+  cleanloop cache-steps list         # the step cache's entries; prune --older-than 30 evicts
 """
 
 
@@ -94,6 +96,10 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE.format(steps=" | ".join(STEPS)))
         sys.exit(0 if argv else 2)
     step = argv.pop(0)
+    if step == "cache-steps":  # housekeeping of the step cache, not a Hydra app (CONTRACT §8)
+        from cleanloop.cache_admin import main as cache_steps
+
+        sys.exit(cache_steps(argv))
     if step not in STEPS:
         print(f"cleanloop: unknown step {step!r}; choose one of {', '.join(STEPS)}", file=sys.stderr)
         sys.exit(2)

@@ -39,7 +39,7 @@ from cleanloop.config import short_hash
 
 log = logging.getLogger(__name__)
 
-KEY_VERSION = 2  # bump when a code change alters any step's outputs: every key changes, nothing stale is reused
+KEY_VERSION = 3  # bump when a code change alters any step's outputs: every key changes, nothing stale is reused
 LIBRARIES = ("cleanloop", "torch", "transformers", "lightning", "cleanlab")
 LINEAGE_FILE = "lineage.json"
 

@@ -4,8 +4,12 @@
 ``thumb_name`` names a thumbnail file, ``script_json`` embeds data in a ``<script>`` safely and
 ``page_html`` writes the page. No function here reads or writes a file: the step does.
 
-The page is one self-contained HTML file (inline CSS and JS, no network, works from
-``file://``) that reads its thumbnails from ``thumbs/`` beside it. Every name and path reaches
+The page is one HTML file (inline CSS and JS, no network, works from ``file://``) that reads its
+thumbnails from ``thumbs/`` beside it, or, in the copy logged to MLflow, carries them as ``data:``
+URIs (``thumb_urls``): MLflow's artifact viewer shows an HTML file in an iframe loaded from a
+``blob:`` URL with ``sandbox="allow-scripts"``, where a relative ``thumbs/...`` address resolves to
+nothing, localStorage throws and downloads are blocked. The page's script runs there; it keeps
+decisions in memory and, when framed, shows the exported CSV as text to copy. Every name and path reaches
 the page either through :func:`html.escape` or as JSON that the script puts into the DOM with
 ``textContent``, never as markup; a Content-Security-Policy allows only the page's own script
 (by hash) and no network at all.
@@ -19,6 +23,7 @@ import html
 import json
 import math
 from collections.abc import Mapping, Sequence
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
@@ -99,6 +104,25 @@ def thumb_name(image_uuid: str, *, size: int, ext: str) -> str:
     return f"{digest}-{size}{ext}"
 
 
+_IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+
+def data_uri(name: str, data: bytes) -> str:
+    """A thumbnail's bytes as a ``data:`` URI, its type from the file name (``.png`` or ``.jpg``)."""
+    kind = _IMAGE_TYPES.get(name[name.rfind("."):].lower() if "." in name else "")
+    if kind is None:
+        raise CleanloopError(f"thumbnail {name!r}: not a .png or .jpg file; the review step writes only those")
+    return f"data:{kind};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _thumb_url(name: str | None, urls: Mapping[str, str] | None) -> str | None:
+    if name is None:
+        return None  # unreadable image
+    if urls is None:
+        return "thumbs/" + quote(name)
+    return urls.get(name, "")  # "" = not embedded in this copy
+
+
 def script_json(obj) -> str:
     """JSON safe inside ``<script>``: ``<``, ``>``, ``&`` and JS line separators become ``\\uXXXX``.
 
@@ -157,6 +181,7 @@ def page_html(
     storage_key: str,
     initial: Mapping[str, tuple[str, str]] | None = None,
     thumb_size: int = 224,
+    thumb_urls: Mapping[str, str] | None = None,
 ) -> str:
     """The review page as one HTML string.
 
@@ -171,7 +196,11 @@ def page_html(
     initial : image_uuid -> (decision, reviewer_note) to start from (a decisions file given to
         the step); the browser's own saved decisions win once it has any.
     thumb_size : the thumbnails' longest side, in pixels (the card's image box).
+    thumb_urls : None for a page beside its ``thumbs/`` folder (each image at ``thumbs/<name>``);
+        else thumbnail file name -> the address to use instead (a :func:`data_uri`, for a copy that
+        needs no folder); a row whose thumbnail is not in it says "not embedded" instead.
     """
+    rows = [[r[0], _thumb_url(r[1], thumb_urls), *r[2:]] for r in rows]
     data = {"classes": [str(c) for c in classes], "columns": list(ROW_FIELDS), "rows": rows,
             "storage_key": storage_key, "thumb_size": int(thumb_size),
             "initial": [[str(u), str(d), str(n)] for u, (d, n) in (initial or {}).items()]}
@@ -237,6 +266,12 @@ _HTML = """<!doctype html>
     <div id="clusters"></div>
   </section>
 </main>
+<section id="export-box" class="export-box" hidden>
+  <p>Exported decisions.csv. A browser frame that blocks downloads (MLflow&rsquo;s artifact viewer does)
+  saves nothing: copy this text into a file called decisions.csv.</p>
+  <textarea id="export-text" readonly spellcheck="false"></textarea>
+  <button id="export-close" type="button">Close</button>
+</section>
 <a id="export-link" hidden></a>
 <script type="application/json" id="review-data">{data}</script>
 <script>{script}</script>
@@ -338,6 +373,10 @@ main { padding: 14px 16px 40px; }
 .strip { display: flex; gap: 4px; margin-top: 6px; overflow: hidden; }
 .strip img { width: 72px; height: 72px; object-fit: contain; background: #1b1f24; border-radius: 4px; flex: none; }
 .strip img.pixelated { image-rendering: pixelated; }
+.export-box { position: fixed; left: 16px; right: 16px; bottom: 16px; z-index: 10; background: #fff;
+  border: 2px solid var(--focus); border-radius: 10px; padding: 8px 12px; box-shadow: 0 4px 16px rgba(0,0,0,.2); }
+.export-box p { margin: 0 0 6px; }
+.export-box textarea { width: 100%; height: 160px; font: 12px ui-monospace, SFMono-Regular, Menlo, monospace; }
 """
 
 _JS = r"""
@@ -353,6 +392,8 @@ const SMALL = 112;  // thumbnails smaller than this are drawn with crisp pixels
 const el = (tag, cls, text) => { const e = document.createElement(tag); if (cls) e.className = cls;
   if (text !== undefined) e.textContent = text; return e; };
 const fmt = (x, d) => (x === null || x === undefined) ? "n/a" : Number(x).toFixed(d);
+// In a frame (MLflow's artifact viewer: a sandboxed iframe) a download may be blocked: show the CSV too.
+const FRAMED = (() => { try { return window.top !== window.self; } catch (e) { return true; } })();
 
 // ---- decisions: uuid -> {decision, note}, saved in localStorage under the page's key -----------------
 const decisions = new Map();
@@ -423,13 +464,14 @@ function thumbImg(r, cls) {
   const img = el("img", cls || "");
   img.loading = "lazy"; img.decoding = "async"; img.alt = r.uuid;
   if (Math.max(r.w, r.h) < SMALL) img.classList.add("pixelated");
-  img.src = "thumbs/" + encodeURIComponent(r.thumb);
+  img.src = r.thumb;  // a file in the folder beside the page, or a data: URI in the self-contained copy
   return img;
 }
 function card(r, pos) {
   const c = el("article", "card"); c.dataset.pos = String(pos); c.dataset.uuid = r.uuid;
   const box = el("div", "imgbox");
-  if (r.thumb) box.append(thumbImg(r)); else box.append(el("span", "noimg", "image could not be read"));
+  if (r.thumb) box.append(thumbImg(r));
+  else box.append(el("span", "noimg", r.thumb === "" ? "thumbnail not embedded in this copy" : "image could not be read"));
   box.append(el("span", "pos", "#" + (pos + 1)), el("span", "badge"));
   const given = el("div", "given"); given.append("given ", el("span", "lab", C[r.given]));
   const kinds = el("div", "kinds");
@@ -618,6 +660,7 @@ function exportCsv() {
   const url = URL.createObjectURL(new Blob([lines.join("\n") + "\n"], { type: "text/csv;charset=utf-8" }));
   const a = $("export-link"); a.href = url; a.download = "decisions.csv"; a.click();
   setTimeout(() => URL.revokeObjectURL(url), 60000);
+  if (FRAMED) { const t = $("export-text"); t.value = lines.join("\n") + "\n"; $("export-box").hidden = false; t.focus(); t.select(); }
 }
 
 // ---- wiring ----------------------------------------------------------------------------------
@@ -626,6 +669,7 @@ $("clear-filters").addEventListener("click", () => { for (const s of Object.valu
 $("v-cards").addEventListener("click", () => showView("cards"));
 $("v-clusters").addEventListener("click", () => showView("clusters"));
 $("export").addEventListener("click", exportCsv);
+$("export-close").addEventListener("click", () => { $("export-box").hidden = true; });
 $("clear-all").addEventListener("click", () => {
   if (!confirm("Forget every decision on this page?")) return;
   decisions.clear(); save(); cards.forEach((c, i) => paint(c, rows[filtered[i]])); updateStats();

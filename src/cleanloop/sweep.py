@@ -14,6 +14,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 from hydra.experimental.callback import Callback
@@ -145,6 +146,33 @@ def summary_rows(cfg: DictConfig, jobs: pd.DataFrame, sweep_dir: Path) -> pd.Dat
     return table.reset_index(drop=True)
 
 
+_NOTE_COLUMNS = {  # sweep_summary.csv column -> the description table's header, in this order
+    "option": "option", "verdict": "verdict", "delta_balanced_accuracy": "Δ balanced acc.", "ci_low": "CI low",
+    "ci_high": "CI high", "delta_top1": "Δ top-1", "n_seeds": "seeds", "n_issues": "flagged",
+    "issue_rate": "issue rate", "n_outliers": "outliers", "flag_precision": "flag precision",
+    "flag_recall": "flag recall", "jobs": "jobs",
+}
+
+
+def sweep_markdown(table: pd.DataFrame) -> str:
+    """The sweep parent run's description (``mlflow.note.content``): one row per point, best first."""
+    cols = [c for c in _NOTE_COLUMNS if c in table.columns]
+    signed = {"delta_balanced_accuracy", "ci_low", "ci_high", "delta_top1"}
+
+    def cell(col: str, v) -> str:
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return ""
+        if isinstance(v, float | np.floating):
+            return f"{v:+.4f}" if col in signed else f"{v:.3f}" if abs(v) < 1 else f"{v:g}"
+        return str(v).replace("|", "\\|")
+
+    lines = [f"**Sweep: {len(table)} point(s), best first** (full table with per-class recall deltas: "
+             "`sweep_summary.csv`)", "",
+             "| " + " | ".join(_NOTE_COLUMNS[c] for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(c, row[c]) for c in cols) + " |" for _, row in table.iterrows()]
+    return "\n".join(lines)
+
+
 class SweepCallback(Callback):
     """Hydra callback: parent MLflow run per multirun, sweep_summary.csv when it ends."""
 
@@ -207,6 +235,9 @@ class SweepCallback(Callback):
                 if "delta_balanced_accuracy" in table and pd.notna(r.get("delta_balanced_accuracy")):
                     client.log_metric(run_id, f"option/{metric_key(r['option'])}/delta_balanced_accuracy",
                                       float(r["delta_balanced_accuracy"]), step=i)
+            from cleanloop.tracking import NOTE_TAG
+
+            client.set_tag(run_id, NOTE_TAG, sweep_markdown(table))
             print(f"sweep summary ({len(table)} options, best first): {path}")
             with pd.option_context("display.width", 160, "display.max_columns", 8):
                 print(table.drop(columns=[c for c in table.columns if c.startswith("delta_recall/")]).to_string(index=False))

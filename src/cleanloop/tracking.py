@@ -6,6 +6,7 @@ cycle's parent run automatically.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -109,6 +110,7 @@ def setup(tracking_cfg) -> str:
     except mlflow.exceptions.MlflowException as e:
         raise CleanloopError(f"tracking.uri={uri}: cannot reach the MLflow store ({e.message.splitlines()[0]})") from e
     mlflow.set_experiment(experiment_id=exp_id)
+    share_runs_view(exp_id)
     return exp_id
 
 
@@ -180,9 +182,40 @@ def ui_url(tracking_cfg) -> str:
     return str(url or DEFAULT_UI_URL).rstrip("/")
 
 
+# The runs table as cleanloop's links open it: MLflow's shared view (an experiment tag
+# `mlflow.sharedViewState.<key>` holding the view as JSON, opened by `?viewStateShareKey=<key>`, what
+# the UI's own "share view" writes), with the answer's columns first. MLflow's default shows no metric.
+VIEW_KEY = "cleanloop"
+VIEW_COLUMNS = {  # metric -> column width (px): together they fit a 1920 px screen beside MLflow's side panel
+    "delta/balanced_accuracy": 170, "delta/balanced_accuracy/ci_low": 140, "delta/balanced_accuracy/ci_high": 140,
+    "delta/top1": 90, "flag/n_issues": 95, "prune/n_pruned": 105,
+}
+
+
+def runs_view_state() -> dict:
+    """The runs table view cleanloop shares: headline metric columns, then Dataset and Models."""
+    widths = {f"metrics.`{m}`": w for m, w in VIEW_COLUMNS.items()} | {"attributes.`Dataset`": 190,
+                                                                       "attributes.`Models`": 75}
+    cols = list(widths)
+    return {"selectedColumns": cols, "columnOrder": cols, "columnWidths": widths}
+
+
+def share_runs_view(experiment_id: str) -> None:
+    """Write the shared runs view to the experiment (once; a failure is a warning, never a failed step)."""
+    tag = f"mlflow.sharedViewState.{VIEW_KEY}"
+    value = json.dumps(runs_view_state(), sort_keys=True)
+    try:
+        client = mlflow.MlflowClient()
+        if client.get_experiment(experiment_id).tags.get(tag) != value:
+            client.set_experiment_tag(experiment_id, tag, value)
+    except mlflow.exceptions.MlflowException as e:
+        log.warning("could not store the runs table view (%s)", e.message.splitlines()[0])
+
+
 def runs_page_url(host: str, experiment_id: str) -> str:
-    """The MLflow UI's runs table (not the GenAI traces page MLflow 3 opens by default)."""
-    return f"{host.rstrip('/')}/#/experiments/{experiment_id}/runs?{UI_QUERY}"
+    """The MLflow UI's runs table (not the GenAI traces page MLflow 3 opens by default), in cleanloop's
+    shared view: the headline metrics as the first columns."""
+    return f"{host.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&{UI_QUERY}"
 
 
 def compare_runs_url(host: str, experiment_id: str, run_ids: list[str]) -> str:

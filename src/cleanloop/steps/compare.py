@@ -22,7 +22,8 @@ from cleanloop.bootstrap import STATISTICS, paired_bootstrap, recall_deltas_char
 from cleanloop.config import file_hash, short_hash
 from cleanloop.errors import CleanloopError
 from cleanloop.io import write_csv, write_json
-from cleanloop.steps.common import cached, out_path
+from cleanloop.steps.common import cached, load_input, out_path
+from cleanloop.steps.locate import cleaned_output
 from cleanloop.tracking import (
     NOTE_TAG,
     log_artifact_files,
@@ -45,7 +46,7 @@ def _train_runs(exp_id: str) -> pd.DataFrame:
         filter_string="tags.`cleanloop.step` = 'train' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
     )
-    for tag in (*PAIR_TAGS, "cleanloop.role", "cleanloop.seed"):
+    for tag in (*PAIR_TAGS, "cleanloop.role", "cleanloop.seed", "cleanloop.data"):
         col = f"tags.{tag}"
         if col not in runs.columns:
             runs[col] = None
@@ -94,7 +95,7 @@ def find_pairs(cfg: DictConfig, exp_id: str) -> list[tuple[str, str]]:
     same = np.ones(len(runs), dtype=bool)
     for tag in PAIR_TAGS:
         same &= (runs[f"tags.{tag}"] == latest[f"tags.{tag}"]).to_numpy()
-    group = runs[same]
+    group = _one_cleaned_manifest(cfg, runs[same])
     base_all = runs[runs["tags.cleanloop.role"] == "baseline"]
     if base_all.empty:
         raise CleanloopError("compare: no finished baseline training run in this experiment; "
@@ -113,6 +114,45 @@ def find_pairs(cfg: DictConfig, exp_id: str) -> list[tuple[str, str]]:
             "baseline with the same recipe: `cleanloop train role=baseline` with the cleaned run's overrides"
         )
     return pairs
+
+
+def _this_cleaned_manifest(cfg: DictConfig) -> Path | None:
+    """The cleaned manifest this config's lineage leads to (``cleaned_manifest=``, else its prune output);
+    None when there is none to read (the input manifest is not there either: nothing is built for it)."""
+    if cfg.get("cleaned_manifest"):
+        path = Path(str(cfg.cleaned_manifest))
+        return path if path.is_file() else None
+    if not Path(str(cfg.data.manifest)).is_file():
+        return None
+    try:
+        return cleaned_output(cfg, load_input(cfg))
+    except CleanloopError:
+        return None
+
+
+def _one_cleaned_manifest(cfg: DictConfig, group: pd.DataFrame) -> pd.DataFrame:
+    """``group`` (train runs of one recipe, test split and input) kept to the cleaned runs of one cleaned
+    manifest (``cleanloop.data``) and every baseline: this config's cleaned manifest; when this config has
+    none, the only one there is. Refuse, listing the candidates, when this config's has no cleaned run or
+    when it has none and there are several."""
+    is_cleaned = group["tags.cleanloop.role"] == "cleaned"
+    hashes = group.loc[is_cleaned, "tags.cleanloop.data"]
+    mine = _this_cleaned_manifest(cfg)
+    want = file_hash(mine) if mine is not None else None
+    if want is not None and (hashes == want).any():
+        return group[~is_cleaned | (group["tags.cleanloop.data"] == want)]
+    if want is None and hashes.nunique() <= 1:
+        return group
+    listed = []
+    for data, rows in group[is_cleaned].groupby("tags.cleanloop.data", sort=False):
+        seeds = ",".join(sorted(set(rows["tags.cleanloop.seed"].astype(str))))
+        listed.append(f"cleaned manifest {data}: run(s) {', '.join(rows['run_id'])} (seeds {seeds})")
+    where = f" (this config's, {mine}, has no cleaned run)" if mine is not None else ""
+    raise CleanloopError(
+        f"compare: {hashes.nunique()} cleaned manifest(s) have cleaned runs of this recipe, test split and "
+        f"input{where}: {'; '.join(listed)}; train role=cleaned on this config's, or choose with "
+        "cleaned_manifest=PATH or compare.baseline=... compare.cleaned=..."
+    )
 
 
 def _test_predictions(run_id: str) -> pd.DataFrame:

@@ -134,12 +134,24 @@ def _flag(cfg: DictConfig, m, oof_path: Path, out_dir: Path, key: str) -> dict:
         write_csv(out_dir / "label_issues.csv", table)
         write_csv(out_dir / "issues_per_class.csv", per_class)
         write_csv(out_dir / "issue_confusions.csv", confusions)
-        candidates = table[table["is_label_issue"] | table["is_outlier"]].head(fc.montage.top_n)
+        flagged_all = table[table["is_label_issue"] | table["is_outlier"]]
+        candidates = flagged_all.head(fc.montage.top_n)
         captions = [f"{g} -> {p}\nq={q:.3f}" + (" outlier" if o else "")
                     for g, p, q, o in zip(candidates["given_label"], candidates["predicted_label"],
                                           candidates["label_quality"], candidates["is_outlier"], strict=True)]
-        render_montage(candidates["path"].tolist(), captions, out_dir / "mislabel_candidates.png",
-                       columns=fc.montage.columns)
+        # The picture explains itself: what a caption says, which rows these are, what the frame marks.
+        n_marked = int(candidates["is_outlier"].sum())
+        render_montage(
+            candidates["path"].tolist(), captions, out_dir / "mislabel_candidates.png", columns=fc.montage.columns,
+            marked=candidates["is_outlier"].astype(bool).tolist(),
+            mark_label=(f"orange frame and 'outlier' in the caption: an outlier, one of the "
+                        f"{100 * float(fc.outlier.top_fraction):g}% most unusual train rows by cleanlab's outlier "
+                        f"score ({n_marked} shown)") if fc.outlier.enabled else "",
+            legend=["Caption: given label -> label the model predicts (out of fold); q = cleanlab label quality, "
+                    "0 to 1, lower = more likely mislabelled.",
+                    f"The {len(candidates)} lowest q of {len(flagged_all)} flagged train rows, lowest first, "
+                    f"left to right (all of them: flag/label_issues.csv)."],
+        )
 
         n_issues = int(is_issue.sum())
         summary = {"n_rows": len(table), "n_issues": n_issues, "issue_rate": n_issues / len(table),

@@ -5,8 +5,11 @@ Reads ``flag/label_issues.csv`` (or ``review.issues``), the OOF parquet (``flag.
 ``review/thumbs/`` (one folder, no network: open it from disk), and ``review/screenshot.png``
 when headless Chromium is at hand. A ``decisions.csv`` exported from the page, given as
 ``review.decisions`` (or ``prune.decisions``, or saved as ``review/decisions.csv``), is checked,
-preloaded into the page and copied beside it. The folder is logged to the flag run so a
-reviewed cleaning can be traced; ``cleanloop prune prune.decisions=...`` applies the decisions.
+preloaded into the page and copied beside it. The page, its screenshot, summary and decisions
+are logged to the flag run so a reviewed cleaning can be traced; the logged ``review/index.html``
+is a self-contained copy with the thumbnails embedded as ``data:`` URIs (MLflow's artifact viewer
+shows it in a sandboxed ``blob:`` iframe where ``thumbs/...`` cannot load), at most
+``LOGGED_PAGE_MAX_BYTES``. ``cleanloop prune prune.decisions=...`` applies the decisions.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +34,7 @@ from cleanloop.errors import CleanloopError
 from cleanloop.io import atomic_path, write_atomic, write_json
 from cleanloop.oof_file import load_oof
 from cleanloop.pruning import read_decisions
-from cleanloop.review_page import flagged_rows, page_html, page_rows, thumb_name
+from cleanloop.review_page import data_uri, flagged_rows, page_html, page_rows, thumb_name
 from cleanloop.steps.common import load_input, out_path, read_csv_strings
 from cleanloop.steps.locate import issues_output, oof_input
 from cleanloop.tracking import log_artifact_files, step_run
@@ -40,6 +44,8 @@ log = logging.getLogger(__name__)
 # Headless Chromium without a sandbox (CI runs as root), a GPU or any network traffic of its own.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# The page logged to MLflow carries its thumbnails; past this size only the first rows' are embedded.
+LOGGED_PAGE_MAX_BYTES = 20_000_000
 
 
 # ---- thumbnails ---------------------------------------------------------------------------------
@@ -92,6 +98,25 @@ def write_thumbs(sources: list[str], uuids: list[str], thumbs_dir: Path, *, size
     for stale in thumbs_dir.iterdir():
         if stale.name not in keep:
             stale.unlink()
+    return out
+
+
+def embed_thumbs(thumbs, thumbs_dir: Path, *, budget: int) -> dict[str, str]:
+    """Thumbnail file name -> ``data:`` URI, in row order, while their total length fits ``budget``.
+
+    ``thumbs`` is :func:`write_thumbs`'s output (page order: lowest label quality first); the
+    rows after the first one that does not fit get none, so the embedded ones are a prefix.
+    """
+    out: dict[str, str] = {}
+    used = 0
+    for name, _, _ in thumbs:
+        if name is None or name in out:
+            continue
+        uri = data_uri(name, (thumbs_dir / name).read_bytes())
+        if used + len(uri) > budget:
+            break
+        out[name] = uri
+        used += len(uri)
     return out
 
 
@@ -171,6 +196,24 @@ def _decisions_file(cfg: DictConfig, review_dir: Path) -> Path | None:
     return saved if saved.is_file() else None
 
 
+def _logged_page(rows, thumbs, thumbs_dir: Path, index: Path, details: dict, common: dict) -> tuple[str, int]:
+    """The copy of the page logged to MLflow, thumbnails embedded up to ``LOGGED_PAGE_MAX_BYTES``; and how many."""
+    n_thumbs = len({name for name, _, _ in thumbs if name})
+
+    def render(urls: dict[str, str]) -> str:
+        capped = len(urls) < n_thumbs
+        note = (f"self-contained, for MLflow's artifact viewer: {len(urls)} of {n_thumbs} thumbnails embedded"
+                + (f" (this copy is capped at {LOGGED_PAGE_MAX_BYTES / 1e6:g} MB: the first {len(urls)} rows, "
+                   "lowest label quality first, have theirs; the rest say \"not embedded\")" if capped else "")
+                + ". In the viewer decisions last until the page is closed and Export shows the CSV to copy. "
+                  f"The page with every thumbnail: {index.resolve().as_uri()}")
+        return page_html(rows, details={**details, "this copy": note}, thumb_urls=urls, **common)
+
+    budget = LOGGED_PAGE_MAX_BYTES - len(render({}).encode("utf-8")) - 4096  # the note's numbers may grow
+    urls = embed_thumbs(thumbs, thumbs_dir, budget=budget)
+    return render(urls), len(urls)
+
+
 def run(cfg: DictConfig) -> Path:
     t0 = time.time()
     rc = cfg.review
@@ -218,12 +261,14 @@ def run(cfg: DictConfig) -> Path:
                        "(and `cleanloop review review.decisions=decisions.csv` to log it with this page)"}
     # Stable across re-renders of this output folder and manifest, so saved decisions survive a new page.
     key = "cleanloop-review:" + hashlib.sha1(f"{review_dir.resolve()}|{file_hash(m.source)}".encode()).hexdigest()[:16]
-    page = page_html(page_rows(flagged, probs[at] if len(at) else np.zeros((0, len(classes))), classes=classes,
-                               thumbs=thumbs, sources=links),
-                     classes=classes, title=str(cfg.data.name), details=details, storage_key=key,
-                     initial=initial, thumb_size=size)
+    rows = page_rows(flagged, probs[at] if len(at) else np.zeros((0, len(classes))), classes=classes,
+                     thumbs=thumbs, sources=links)
+    common = {"classes": classes, "title": str(cfg.data.name), "storage_key": key, "initial": initial,
+              "thumb_size": size}
+    page = page_html(rows, details=details, **common)
     index = review_dir / "index.html"
     write_atomic(index, lambda p: p.write_text(page, encoding="utf-8"))
+    logged_page, n_embedded = _logged_page(rows, thumbs, review_dir / "thumbs", index, details, common)
     if dec_path is not None and dec_path.resolve() != (review_dir / "decisions.csv").resolve():
         write_atomic(review_dir / "decisions.csv", lambda p: shutil.copyfile(dec_path, p))
 
@@ -234,6 +279,7 @@ def run(cfg: DictConfig) -> Path:
             log.info("review: screenshot skipped: %s", why)
     summary = {"n_rows": len(flagged), "n_flagged": n_flagged, "n_scored": len(issues), "n_unreadable": unreadable,
                "n_decisions": n_decisions, "decisions": str(dec_path) if dec_path else None,
+               "n_embedded": n_embedded, "logged_page_bytes": len(logged_page.encode("utf-8")),
                "flag_run_id": flag_run, "issues": str(issues_path), "oof": str(oof_path),
                "page": str(index), "screenshot": str(shot) if shot.is_file() else None}
 
@@ -246,19 +292,28 @@ def run(cfg: DictConfig) -> Path:
                             "review/n_unreadable": unreadable})
         client = mlflow.MlflowClient()
         logged_to = None
-        if flag_run:
-            try:
-                client.log_artifacts(flag_run, str(review_dir), "review")
-                client.set_tag(flag_run, "cleanloop.review_run", run.info.run_id)
-                logged_to = f"flag run {flag_run}"
-            except mlflow.exceptions.MlflowException as e:
-                log.warning("review: cannot log the page to flag run %s (%s); logging it to the review run",
-                            flag_run, e.message.splitlines()[0])
-        if logged_to is None:  # no flag run in this store: keep the page traceable from the review run
-            mlflow.log_artifacts(str(review_dir), "review")
-            logged_to = f"review run {run.info.run_id}"
-        else:
-            log_artifact_files([review_dir / n for n in ("review_summary.json", "screenshot.png", "decisions.csv")])
+        with tempfile.TemporaryDirectory(prefix="cleanloop-review-") as tmp:
+            # review/index.html in MLflow is the self-contained copy (its thumbnails inside it), so
+            # review/thumbs/ is not logged; the local page keeps reading its thumbs/ folder.
+            copy = Path(tmp) / "index.html"
+            copy.write_text(logged_page, encoding="utf-8")
+            files = [copy] + [p for p in (review_dir / n for n in ("review_summary.json", "screenshot.png",
+                                                                    "decisions.csv")) if p.is_file()]
+            if flag_run:
+                try:
+                    for f in files:
+                        client.log_artifact(flag_run, str(f), "review")
+                    client.set_tag(flag_run, "cleanloop.review_run", run.info.run_id)
+                    logged_to = f"flag run {flag_run}"
+                except mlflow.exceptions.MlflowException as e:
+                    log.warning("review: cannot log the page to flag run %s (%s); logging it to the review run",
+                                flag_run, e.message.splitlines()[0])
+            if logged_to is None:  # no flag run in this store: keep the page traceable from the review run
+                for f in files:
+                    mlflow.log_artifact(str(f), "review")
+                logged_to = f"review run {run.info.run_id}"
+            else:
+                log_artifact_files(files[1:])
     log.info("review: %d flagged rows%s, %s -> %s (logged to %s) in %.1fs", len(flagged),
              f", {n_decisions} decisions from {dec_path}" if dec_path else "",
              f"{unreadable} unreadable image(s)" if unreadable else "thumbnails ready",
