@@ -252,7 +252,7 @@ class Classifier(L.LightningModule):
             kwargs["fused"] = True  # one kernel per step for all parameters (AdamW, Adam, SGD on CUDA)
         elif self.device.type == "cpu" and _takes(self.optimizer_factory, "foreach"):
             # PyTorch's CPU default is one loop per tensor; the multi-tensor path does the same arithmetic
-            # in fewer calls (the demo's many small tensors: bench B8)
+            # in fewer calls (B8 times both: within its noise on the demo)
             kwargs["foreach"] = True
         optimizer = self.optimizer_factory(groups, **kwargs)
         if self.scheduler_factory is None:
