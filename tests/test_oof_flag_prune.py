@@ -57,6 +57,7 @@ def test_groups_never_straddle_folds_and_seed_fixes_folds():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("demo_oof")  # one process builds the demo OOF (module fixture) once
 def test_oof_scores_every_train_row_exactly_once(demo_oof, demo_dir):
     cfg, path = demo_oof
     df = pd.read_parquet(path)
@@ -83,6 +84,7 @@ def test_oof_scores_every_train_row_exactly_once(demo_oof, demo_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("demo_oof")  # one process builds the demo OOF (module fixture) once
 def test_killed_oof_resumes_at_first_unfinished_fold(demo_oof, demo_dir, tmp_path):
     cfg, full = demo_oof
     args = [f"data.manifest={demo_dir}/manifest.csv", f"paths.root_dir={tmp_path}", *FAST]
@@ -110,6 +112,7 @@ def test_killed_oof_resumes_at_first_unfinished_fold(demo_oof, demo_dir, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("demo_oof")  # one process builds the demo OOF (module fixture) once
 def test_flag_outputs_agree_and_repeat(demo_oof):
     cfg, _ = demo_oof
     out = Path(flag.run(cfg)["out_dir"])
@@ -155,6 +158,7 @@ def test_flag_outputs_agree_and_repeat(demo_oof):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("demo_oof")  # one process builds the demo OOF (module fixture) once
 def test_insample_scoring_of_a_checkpoint(demo_oof):
     cfg, _ = demo_oof
     metrics = train.run(cfg)
@@ -248,6 +252,7 @@ def test_prune_refuses_bad_decisions(capsys, tiny_manifest, tmp_path, decision, 
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("demo_oof")  # one process builds the demo OOF (module fixture) once
 def test_embed_mode_oof_same_folds_and_file(demo_oof, demo_dir, tmp_path):
     cfg, kfold_path = demo_oof
     cfg_e = make_cfg(tmp_path, f"data.manifest={demo_dir}/manifest.csv", *FAST, "oof=embed")
