@@ -28,7 +28,7 @@ def sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # kept by its xdist process across the group's tests
 def demo_oof(tmp_path_factory, demo_dir):
     root = tmp_path_factory.mktemp("oofrun")
     cfg = make_cfg(root, f"data.manifest={demo_dir}/manifest.csv", *FAST)
