@@ -101,16 +101,17 @@ def setup(tracking_cfg) -> str:
             exp_id = mlflow.create_experiment(
                 name,
                 artifact_location=artifact_location,
-                tags={EXPERIMENT_KIND_TAG: "custom_model_development"},
+                tags={EXPERIMENT_KIND_TAG: "custom_model_development", VIEW_TAG: runs_view_tag()},
             )
-        else:
+        else:  # an experiment made earlier (or by an older cleanloop): bring its tags up to date
             exp_id = exp.experiment_id
-            if exp.tags.get(EXPERIMENT_KIND_TAG) != "custom_model_development":
-                mlflow.MlflowClient().set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+            wanted = {EXPERIMENT_KIND_TAG: "custom_model_development", VIEW_TAG: runs_view_tag()}
+            for tag, value in wanted.items():
+                if exp.tags.get(tag) != value:
+                    mlflow.MlflowClient().set_experiment_tag(exp_id, tag, value)
     except mlflow.exceptions.MlflowException as e:
         raise CleanloopError(f"tracking.uri={uri}: cannot reach the MLflow store ({e.message.splitlines()[0]})") from e
     mlflow.set_experiment(experiment_id=exp_id)
-    share_runs_view(exp_id)
     return exp_id
 
 
@@ -200,16 +201,12 @@ def runs_view_state() -> dict:
     return {"selectedColumns": cols, "columnOrder": cols, "columnWidths": widths}
 
 
-def share_runs_view(experiment_id: str) -> None:
-    """Write the shared runs view to the experiment (once; a failure is a warning, never a failed step)."""
-    tag = f"mlflow.sharedViewState.{VIEW_KEY}"
-    value = json.dumps(runs_view_state(), sort_keys=True)
-    try:
-        client = mlflow.MlflowClient()
-        if client.get_experiment(experiment_id).tags.get(tag) != value:
-            client.set_experiment_tag(experiment_id, tag, value)
-    except mlflow.exceptions.MlflowException as e:
-        log.warning("could not store the runs table view (%s)", e.message.splitlines()[0])
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+
+
+def runs_view_tag() -> str:
+    """The shared view as the experiment tag's value (JSON)."""
+    return json.dumps(runs_view_state(), sort_keys=True)
 
 
 def runs_page_url(host: str, experiment_id: str) -> str:
