@@ -30,6 +30,20 @@ def make_cfg(root: Path, *overrides: str):
         )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory) -> Path:
+    """The user-level cache (``$XDG_CACHE_HOME``: the empty MLflow store template) of this test session.
+
+    One folder for all test processes (the parent of each xdist worker's base temp), so the
+    template is migrated once per session, not once per store; never the developer's own ~/.cache.
+    """
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xdg-cache"
+    shared.mkdir(parents=True, exist_ok=True)
+    os.environ["XDG_CACHE_HOME"] = str(shared)
+    return shared
+
+
 @pytest.fixture
 def cfg_factory(tmp_path):
     return lambda *overrides: make_cfg(tmp_path, *overrides)

@@ -104,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"cleanloop: unknown step {step!r}; choose one of {', '.join(STEPS)}", file=sys.stderr)
         sys.exit(2)
 
+    if step not in ("demo-data", "cache"):  # steps that log to MLflow: a new SQLite store's schema,
+        from cleanloop.store_template import start_background  # built beside this process's imports
+
+        start_background()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     quiet_libraries()

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
+from cleanloop import store_template
 from cleanloop.errors import CleanloopError
 from cleanloop.manifest import class_key
 
@@ -87,6 +88,7 @@ def setup(tracking_cfg) -> str:
         check_server(uri)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///").split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
+        store_template.copy_into_place(uri)  # a new store: copied, not migrated again (store_template)
     mlflow.set_tracking_uri(store_uri(uri))
     name = tracking_cfg.experiment
     try:
