@@ -19,6 +19,7 @@ only, on the same arrays), ``batched-bare`` (cleanlab's find_label_issues_batche
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import sys
@@ -109,7 +110,7 @@ def flag_computation(labels, pred_probs, *, classes, uuids, paths, given, out_di
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the auto switch to batched warns; expected at ImageNet scale
+        warnings.simplefilter("ignore")  # cleanlab's own (e.g. a class below min_examples_per_class)
         found = find_issues(labels, pred_probs, n_jobs=n_jobs, batched=batched)
     t1 = time.perf_counter()
     tables = flag_tables(found, classes=classes, image_uuids=uuids, paths=paths, given_labels=given)
@@ -194,6 +195,8 @@ def measure(case: str, *, n: int, k: int, n_jobs: int = 1, data: str | None = No
     tp = int((is_issue & noisy).sum())
     return {"case": case, "n": n, "k": k, "n_jobs": n_jobs, "wall_s": wall, "peak_mib": mem.peak_mib,
             "peak_anon_mib": mem.peak_anon_mib, "memory_method": mem.method,
+            # equal digests = the same rows flagged (B2: batched against in memory)
+            "issues_digest": hashlib.sha256(np.packbits(is_issue)).hexdigest()[:16],
             "precision": tp / max(1, int(is_issue.sum())), "recall": tp / max(1, int(noisy.sum())), **out}
 
 

@@ -10,7 +10,6 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from cleanlab.experimental.label_issues_batched import find_label_issues_batched
 
 from cleanloop import cleaning
 from cleanloop.cleaning import find_issues
@@ -70,29 +69,35 @@ def memmapped(tmp_path):
     return np.load(labels_path), np.load(probs_path, mmap_mode="r")
 
 
-@pytest.mark.parametrize("filter_by", ["low_self_confidence", "low_normalized_margin"])
-def test_batched_matches_cleanlab_batched_and_in_memory_scores(memmapped, monkeypatch, filter_by):
+@pytest.mark.parametrize("filter_by", ["prune_by_noise_rate", "low_normalized_margin"])
+def test_batched_equals_in_memory_on_a_memmap(memmapped, monkeypatch, filter_by):
     labels, probs = memmapped
     monkeypatch.setattr(cleaning, "BATCH_CELLS", 500 * 12)  # six chunks of 500 rows
     got = find_issues(labels, probs, filter_by=filter_by, batched=True)
-    want = find_label_issues_batched(labels, probs, batch_size=500, verbose=False, return_mask=True,
-                                     quality_score_kwargs={"method": filter_by.removeprefix("low_")})
-    np.testing.assert_array_equal(got["is_label_issue"].to_numpy(), want)
-    in_memory = find_issues(labels, np.asarray(probs), filter_by=filter_by, batched=False)
-    pd.testing.assert_frame_equal(got[["predicted", "label_quality"]], in_memory[["predicted", "label_quality"]])
+    pd.testing.assert_frame_equal(got, find_issues(labels, np.asarray(probs), filter_by=filter_by, batched=False))
+    assert 0 < got["is_label_issue"].sum() < len(labels)
 
 
-def test_auto_switch_above_the_threshold_warns_and_falls_back(memmapped, monkeypatch):
+def test_auto_switch_above_the_threshold_keeps_the_flags(memmapped, monkeypatch):
     labels, probs = memmapped
     small = find_issues(labels, probs)  # 36k cells: in memory, prune_by_noise_rate
     pd.testing.assert_frame_equal(small, find_issues(labels, probs, batched=False))
     monkeypatch.setattr(cleaning, "BATCHED_ABOVE_CELLS", 1_000)
-    with pytest.warns(UserWarning, match="low_normalized_margin filter is used instead"):
-        auto = find_issues(labels, probs)
-    pd.testing.assert_frame_equal(auto, find_issues(labels, probs, filter_by="low_normalized_margin", batched=True))
+    monkeypatch.setattr(cleaning, "BATCH_CELLS", 700 * 12)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a filter batched can do: no warning
-        find_issues(labels, probs, filter_by="low_self_confidence")
+        warnings.simplefilter("error")  # batched does every filter_by itself: nothing replaced, no warning
+        auto = find_issues(labels, probs)
+    pd.testing.assert_frame_equal(auto, small)
+
+
+def test_b2_times_the_batched_default_filter_at_a_tiny_size(tmp_path, monkeypatch):
+    write_oof_memmap(tmp_path, 2_000, 40, chunk_rows=300)
+    monkeypatch.setattr(cleaning, "BATCH_CELLS", 150 * 40)  # 14 chunks, as B2 streams 80
+    batched = flagbench.measure("flag", n=0, k=0, data=str(tmp_path), batched=True)
+    in_memory = flagbench.measure("find-issues", n=0, k=0, data=str(tmp_path), batched=False)
+    assert (batched["n"], batched["k"]) == (2_000, 40) and batched["wall_s"] >= batched["find_issues_s"] > 0
+    assert batched["peak_mib"] >= 0 and batched["issues_digest"] == in_memory["issues_digest"]
+    assert batched["n_issues"] == in_memory["n_issues"] > 0 and batched["recall"] == in_memory["recall"]
 
 
 def test_batched_names_the_first_bad_row_of_the_whole_array(monkeypatch):
@@ -100,7 +105,7 @@ def test_batched_names_the_first_bad_row_of_the_whole_array(monkeypatch):
     probs[777, 2] = np.nan
     monkeypatch.setattr(cleaning, "BATCH_CELLS", 100 * 5)
     with pytest.raises(CleanloopError, match=r"NaN in 1 row\(s\), first row 777"):
-        find_issues(labels, probs, filter_by="low_self_confidence", batched=True)
+        find_issues(labels, probs, batched=True)
     assert np.isnan(probs[777, 2])  # the caller's array is not touched
 
 

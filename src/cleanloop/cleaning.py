@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from cleanlab.count import _reduce_issues
-from cleanlab.experimental.label_issues_batched import LabelInspector
-from cleanlab.filter import find_label_issues
+from cleanlab.count import _reduce_issues, calibrate_confident_joint
+from cleanlab.filter import _keep_at_least_n_per_class, find_label_issues
+from cleanlab.internal.constants import CONFIDENT_THRESHOLDS_LOWER_BOUND
 from cleanlab.outlier import OutOfDistribution
 from cleanlab.rank import get_label_quality_scores
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -39,22 +39,24 @@ FILTER_BY = (
     "low_self_confidence",
 )
 RANK_BY = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
-# The filter_by values cleanlab's batched finder implements, and the score it ranks by for each
-# (cleanlab.experimental.label_issues_batched); any other filter_by needs pred_probs in memory.
-BATCHED_FILTER_BY = {"low_self_confidence": "self_confidence", "low_normalized_margin": "normalized_margin"}
-# What batched uses in place of any other filter_by. Against known noise it is closer to
-# prune_by_noise_rate than low_self_confidence is (demo: precision 0.91 / recall 0.76 against
-# 0.85 / 0.71; prune_by_noise_rate 0.90 / 0.90; bench/RESULTS.md B2 for the synthetic data).
-BATCHED_FALLBACK = "low_normalized_margin"
+# The filter_by values whose flags come from cleanlab's prune count matrix (the calibrated confident
+# joint); frac_noise and min_examples_per_class apply to these only.
+PRUNE_FILTERS = ("prune_by_noise_rate", "prune_by_class", "both")
+# cleanlab's own warning when frac_noise is given to a filter that ignores it (filter.find_label_issues).
+_FRAC_NOISE_IGNORED = (
+    "frac_noise and num_to_remove_per_class parameters are only supported for filter_by 'prune_by_noise_rate', "
+    "'prune_by_class', and 'both'. They are not supported for methods 'confident_learning', "
+    "'predicted_neq_given', 'low_normalized_margin' or 'low_self_confidence'."
+)
 
-# find_issues streams pred_probs in row chunks above this many cells (N x K). In memory it peaks at
-# about BYTES_PER_CELL bytes per cell above its input (float64 copies and cleanlab's temporaries;
-# bench/RESULTS.md, B2), so 2**28 cells (268M: 268k rows x 1000 classes, or 10.7M rows x 25) need
+# find_issues streams pred_probs in row chunks above this many cells (N x K), to the same result. In
+# memory it peaks at about BYTES_PER_CELL bytes per cell above its input (float64 copies and cleanlab's
+# temporaries; bench/RESULTS.md, B2), so 2**28 cells (268M: 268k rows x 1000 classes, or 10.7M rows x 25) need
 # about 6 GiB, a quarter of a 24 GiB machine; ImageNet's 1.28M x 1000 would need about 30 GiB.
 BATCHED_ABOVE_CELLS = 2**28
 BYTES_PER_CELL = 25
-# Cells per chunk when streaming (16k rows x 1000 classes): the chunk's float64 copy and cleanlab's
-# temporaries keep about 0.35 GiB of memory in use, whatever N is (bench/RESULTS.md, B2).
+# Cells per chunk when streaming (16k rows x 1000 classes): the chunk's float64 copy and two temporaries
+# of its size, about 0.45 GiB of heap whatever N is, plus about 100 bytes per row (bench/RESULTS.md, B2).
 BATCH_CELLS = 2**24
 
 # How far outside [0, 1] a probability may stray (float32 softmax/sigmoid rounding) before it is
@@ -229,13 +231,12 @@ def find_issues(
 
     In memory (the default below ``BATCHED_ABOVE_CELLS``) this is cleanlab's
     ``filter.find_label_issues`` and ``rank.get_label_quality_scores`` on float64 ``pred_probs``.
-    Batched, ``pred_probs`` (e.g. a ``np.load(..., mmap_mode="r")`` memmap) is read in row chunks:
-    label quality chunk by chunk (the same per-row scores), and the flags as cleanlab's
-    ``experimental.label_issues_batched.find_label_issues_batched`` finds them, which implements
-    only ``filter_by="low_self_confidence"`` or ``"low_normalized_margin"``. Any other ``filter_by``
-    is then replaced by ``BATCHED_FALLBACK``, with a warning (cleanlab's
-    ``CleanLearning(low_memory=True)`` likewise warns that it drops its filter options);
-    ``frac_noise`` and ``min_examples_per_class`` apply to the prune_by_* filters only.
+    Batched, ``pred_probs`` (e.g. a ``np.load(..., mmap_mode="r")`` memmap) is read in row chunks of
+    about ``BATCH_CELLS`` cells, never whole, and the same steps are computed pass by pass (see
+    ``_find_issues_batched``): the result equals the in-memory one (flags, scores, predictions) for
+    every ``filter_by``, ``frac_noise`` and ``min_examples_per_class``. Batched keeps a few values per
+    row and K x K counts in memory; it reads ``pred_probs`` up to three times (``prune_by_noise_rate``
+    and ``both``; two for the other filters, one for ``predicted_neq_given``).
 
     Parameters
     ----------
@@ -251,7 +252,7 @@ def find_issues(
         cleanlab's ``min_examples_per_class``: never flag a class below this many rows.
     n_jobs : int
         cleanlab's ``n_jobs`` (processes; 1 keeps it in this process). In memory only: batched
-        always runs in this process.
+        always runs in this process (its result does not depend on it).
     rank_by : str
         cleanlab's ``method`` for the label quality score: one of ``RANK_BY``.
     batched : bool or None
@@ -283,7 +284,8 @@ def find_issues(
     if batched is None:
         batched = n * k > BATCHED_ABOVE_CELLS
     if batched:
-        return _find_issues_batched(labels_arr, probs, filter_by=filter_by, rank_by=rank_by)
+        return _find_issues_batched(labels_arr, probs, filter_by=filter_by, frac_noise=frac_noise,
+                                    min_examples_per_class=min_examples_per_class, rank_by=rank_by)
     probs = check_pred_probs(probs, n_rows=n, n_classes=k)
 
     is_issue = find_label_issues(
@@ -304,56 +306,179 @@ def find_issues(
     )
 
 
-def _find_issues_batched(labels: np.ndarray, pred_probs, *, filter_by: str, rank_by: str) -> pd.DataFrame:
-    """``find_issues`` reading ``pred_probs`` in row chunks of about ``BATCH_CELLS`` cells, in two passes.
+def _find_issues_batched(
+    labels: np.ndarray,
+    pred_probs,
+    *,
+    filter_by: str,
+    frac_noise: float,
+    min_examples_per_class: int,
+    rank_by: str,
+) -> pd.DataFrame:
+    """``find_issues`` reading ``pred_probs`` in row chunks of about ``BATCH_CELLS`` cells.
 
-    This is ``find_label_issues_batched(..., return_mask=True)`` written out with its
-    ``LabelInspector`` (cleanlab's documented way to customise it), for two reasons: its last
-    step, ``_reduce_issues`` (never flag a row whose given label is the argmax), copies the whole
-    of ``pred_probs`` into memory, and here it runs chunk by chunk instead; and the second pass
-    also computes ``predicted`` and ``label_quality``, so ``pred_probs`` is read twice, not three times.
+    cleanlab's ``filter.find_label_issues`` (and ``count.compute_confident_joint``) step by step,
+    on each chunk converted to float64 and clipped as :func:`check_pred_probs` converts the whole
+    array, so every number is the one the in-memory path computes and the result is equal:
+
+    1. Every row: check its values; ``predicted``, ``label_quality``, its self-confidence
+       ``p[y]``, whether ``y`` is within 1e-6 of its argmax (``_reduce_issues``: never flagged),
+       and the score a ``low_*`` filter ranks by. The per-class thresholds are then the mean
+       self-confidence of each class, taken over the kept vector in row order, so that numpy
+       sums it in the same order as cleanlab (a sum of chunk sums would round differently).
+    2. Given the thresholds, the confident joint is a count, added up chunk by chunk; also which
+       rows fall off its diagonal (``confident_learning``, and the number of issues ``low_*`` flag).
+       It is calibrated and turned into the prune count matrix by cleanlab's own functions.
+    3. ``prune_by_noise_rate`` / ``both``: for each (given k, true j) with ``need`` rows to prune,
+       the ``need + 1`` rows of class k with the largest margin ``p[j] - p[k]``, kept by a bounded
+       selection merged chunk by chunk (ties by row). If the last of ``need`` and the extra one
+       have different margins, the ``need`` rows are the ones cleanlab picks, whatever its sort
+       does with ties. If equal, cleanlab's unstable ``argsort`` decides: that pair's margin column
+       (one value per row of class k) is read and sorted exactly as cleanlab sorts it.
+
+    ``prune_by_class`` sorts each class's self-confidences as cleanlab does, ``low_*`` all N
+    scores; both are vectors of N values, as are the outputs.
     """
     n, k = pred_probs.shape
     if pred_probs.dtype.kind not in "biuf":
         raise CleanloopError(f"pred_probs is not a numeric array (dtype {pred_probs.dtype}); {PRED_PROBS_FIX}")
-    if filter_by not in BATCHED_FILTER_BY:
-        warnings.warn(
-            f"filter_by={filter_by!r} needs pred_probs in memory; with {n} x {k} = {n * k:,} cells "
-            f"(batched above {BATCHED_ABOVE_CELLS:,}) cleanlab's batched {BATCHED_FALLBACK} filter is used "
-            f"instead; choose filter_by={' or '.join(BATCHED_FILTER_BY)}, or batched=False to keep "
-            f"{filter_by} (about {BYTES_PER_CELL * n * k / 2**30:.1f} GiB of memory)",
-            UserWarning,
-            stacklevel=3,
-        )
-        filter_by = BATCHED_FALLBACK
+    if filter_by not in PRUNE_FILTERS and frac_noise != 1.0:
+        warnings.warn(_FRAC_NOISE_IGNORED, UserWarning, stacklevel=3)
     rows = max(1, BATCH_CELLS // k)
     chunks = [(start, min(n, start + rows)) for start in range(0, n, rows)]
-    # n_jobs stays 1: cleanlab's batched pool starts afresh for every chunk, in thousands of tiny
-    # tasks, and made 128k x 1000 seven times slower on 2 cores (bench/RESULTS.md, B2).
-    inspector = LabelInspector(num_class=k, verbose=False, n_jobs=1,
-                               quality_score_kwargs={"method": BATCHED_FILTER_BY[filter_by]})
-    for start, stop in chunks:  # pass 1: check every value, then per-class confident thresholds
-        chunk = np.asarray(pred_probs[start:stop])
-        _check_values(chunk, where="pred_probs", fix=PRED_PROBS_FIX, n_rows=n, first_row=start)
-        inspector.update_confident_thresholds(labels[start:stop], chunk)
 
+    def read(start: int, stop: int, *, check: bool = False) -> np.ndarray:
+        probs = np.array(pred_probs[start:stop], dtype=np.float64)  # a copy, as check_pred_probs makes
+        if check:
+            _check_values(probs, where="pred_probs", fix=PRED_PROBS_FIX, n_rows=n, first_row=start)
+        return np.clip(probs, 0.0, 1.0, out=probs)
+
+    low = filter_by.startswith("low_")
     predicted = np.empty(n, dtype=np.int64)
     quality = np.empty(n, dtype=np.float64)
-    given_is_argmax = np.empty(n, dtype=bool)
-    for start, stop in chunks:  # pass 2: cleanlab's count of issues, and the per-row columns
-        chunk, chunk_labels = np.asarray(pred_probs[start:stop]), labels[start:stop]
-        inspector.score_label_quality(chunk_labels, chunk)
-        given_is_argmax[start:stop] = _reduce_issues(pred_probs=chunk, labels=chunk_labels)  # copies the chunk only
-        probs = np.array(chunk, dtype=np.float64)  # a copy, clipped in place as check_pred_probs clips
-        np.clip(probs, 0.0, 1.0, out=probs)
+    self_conf = np.empty(n, dtype=np.float64)
+    given_is_max = np.empty(n, dtype=bool)
+    score = np.empty(n, dtype=np.float64) if low else None
+    for start, stop in chunks:  # pass 1: values, and everything that depends on its own row only
+        probs, y = read(start, stop, check=True), labels[start:stop]
         predicted[start:stop] = probs.argmax(axis=1)
-        # Each score depends on its own row only, so chunked scores equal the in-memory ones.
-        quality[start:stop] = get_label_quality_scores(chunk_labels, probs, method=rank_by)
+        self_conf[start:stop] = probs[np.arange(stop - start), y]
+        quality[start:stop] = get_label_quality_scores(y, probs, method=rank_by)
+        given_is_max[start:stop] = _reduce_issues(pred_probs=probs, labels=y)
+        if low:
+            score[start:stop] = get_label_quality_scores(y, probs, method=filter_by[4:], adjust_pred_probs=False)
+    columns = {"predicted": predicted, "label_quality": quality}
+
+    if filter_by == "predicted_neq_given":
+        return pd.DataFrame({**columns, "is_label_issue": (predicted != labels) & ~given_is_max})
+
+    counts = np.bincount(labels, minlength=k)
+    by_class = np.argsort(labels, kind="stable")  # the rows of each class, in row order
+    class_start = np.concatenate(([0], np.cumsum(counts)))
+
+    def rows_of(c: int) -> np.ndarray:
+        return by_class[class_start[c]:class_start[c + 1]]
+
+    # count.get_confident_thresholds: a class without rows gets 2 (BIG_VALUE), never reached.
+    thresholds = np.clip([np.mean(self_conf[rows_of(c)]) if counts[c] else 2 for c in range(k)],
+                         a_min=CONFIDENT_THRESHOLDS_LOWER_BOUND, a_max=None)
+    cutoff = thresholds - 1e-6
+    pairs = np.zeros(k * k, dtype=np.int64)  # [true guess, given], as sklearn's confusion_matrix lays it out
+    off_diagonal = np.empty(n, dtype=bool)
+    for start, stop in chunks:  # pass 2: the confident joint (count.compute_confident_joint)
+        probs, y = read(start, stop), labels[start:stop]
+        confident = probs >= cutoff
+        n_confident = confident.sum(axis=1)
+        guess = np.where(n_confident > 1, predicted[start:stop], confident.argmax(axis=1))
+        some = n_confident > 0
+        pairs += np.bincount(guess[some] * k + y[some], minlength=k * k)
+        off_diagonal[start:stop] = some & (guess != y)
+    is_issue = np.zeros(n, dtype=bool)
+
+    if low:  # count.num_label_issues ("off_diagonal"), then the lowest scores
+        is_issue[np.argsort(score)[: int(np.sum(off_diagonal & ~given_is_max))]] = True
+        return pd.DataFrame({**columns, "is_label_issue": is_issue})
+    if filter_by == "confident_learning":
+        is_issue = off_diagonal
+    else:
+        # The transposed C-ordered array cleanlab gets from confusion_matrix(...).T: its calibration
+        # sums in memory order, so the layout is kept too.
+        joint = pairs.reshape(k, k).T if pairs.any() else np.zeros((k, k), dtype=int)
+        np.fill_diagonal(joint, joint.diagonal().clip(min=1))
+        joint = calibrate_confident_joint(joint, labels)
+        prune = _keep_at_least_n_per_class(prune_count_matrix=joint.T, n=min_examples_per_class,
+                                           frac_noise=frac_noise)
+        # cleanlab skips (with a warning) a class of min_examples_per_class rows or fewer, and
+        # drops the mask of a class of one row.
+        few = counts <= min_examples_per_class
+        eligible = ~few & (counts > 1)
+        if filter_by in ("prune_by_class", "both"):
+            for c in np.flatnonzero(few):
+                warnings.warn(f"May not flag all label issues in class: {c}, it has too few examples "
+                              "(see argument: `min_examples_per_class`)", UserWarning, stacklevel=3)
+            for c in np.flatnonzero(eligible):
+                num_issues, members = counts[c] - prune[c, c], rows_of(c)
+                if num_issues >= 1:  # the lowest self-confidences, by cleanlab's (unstable) argsort
+                    is_issue[members[np.argsort(self_conf[members])[:num_issues]]] = True
+        if filter_by in ("prune_by_noise_rate", "both"):
+            for c in np.flatnonzero(few):
+                warnings.warn(f"May not flag all label issues in class: {c}, it has too few examples "
+                              "(see `min_examples_per_class` argument)", UserWarning, stacklevel=3)
+            need = np.where(eligible[:, None], prune.T, 0)  # need[c, j]: rows of given c to flag as j
+            np.fill_diagonal(need, 0)
+            by_noise = _prune_by_noise_rate(pred_probs, labels, self_conf, np.maximum(need, 0), chunks,
+                                            read=read, rows_of=rows_of)
+            is_issue = by_noise & is_issue if filter_by == "both" else by_noise
+    is_issue &= ~given_is_max
+    return pd.DataFrame({**columns, "is_label_issue": is_issue})
+
+
+def _prune_by_noise_rate(pred_probs, labels, self_conf, need, chunks, *, read, rows_of) -> np.ndarray:
+    """cleanlab's ``_prune_by_count`` over row chunks: per (given c, true j), the ``need[c, j]`` rows of
+    class c with the largest margin ``p[j] - p[c]``; the mask of every row so picked.
+
+    Keeps ``need + 1`` candidates per pair in one sorted run (pair, margin descending, row); a new
+    chunk's cells enter only above the pair's current last candidate (an equal margin in a later
+    row ranks below it), so each merge sorts few more than the kept rows.
+    """
+    n, k = pred_probs.shape
+    keep = np.where(need > 0, need + 1, 0).ravel()
+    # floor[c, j]: a cell must beat it to be a candidate; +inf for the pairs with nothing to prune.
+    floor = np.where(need > 0, -np.inf, np.inf)
+    pair = np.empty(0, dtype=np.int64)
+    margin = np.empty(0, dtype=np.float64)
+    row = np.empty(0, dtype=np.int64)
+    rank = np.empty(0, dtype=np.int64)
+    for start, stop in chunks:  # pass 3
+        y = labels[start:stop]
+        probs = read(start, stop)
+        probs -= self_conf[start:stop, None]  # p[j] - p[y], the same subtraction cleanlab does
+        r, j = np.nonzero(probs > floor[y])
+        if not r.size:
+            continue
+        pair = np.concatenate((pair, y[r] * k + j))
+        margin = np.concatenate((margin, probs[r, j]))
+        row = np.concatenate((row, start + r))
+        order = np.lexsort((row, -margin, pair))
+        pair, margin, row = pair[order], margin[order], row[order]
+        first = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
+        rank = np.arange(len(pair)) - np.repeat(first, np.diff(np.r_[first, len(pair)]))
+        kept = rank < keep[pair]
+        pair, margin, row, rank = pair[kept], margin[kept], row[kept], rank[kept]
+        last = rank == keep[pair] - 1  # the pair is full: later cells must beat its last candidate
+        floor.ravel()[pair[last]] = margin[last]
 
     is_issue = np.zeros(n, dtype=bool)
-    is_issue[inspector.get_label_issues()] = True  # the lowest-scored rows, as many as it counted
-    is_issue[given_is_argmax] = False
-    return pd.DataFrame({"predicted": predicted, "label_quality": quality, "is_label_issue": is_issue})
+    picked = rank < keep[pair] - 1
+    extra = np.flatnonzero(rank == keep[pair] - 1)  # a pair's need+1-th candidate, after its need-th
+    tied = extra[margin[extra] == margin[extra - 1]]
+    is_issue[row[picked & ~np.isin(pair, pair[tied])]] = True
+    for p in pair[tied]:  # the cut falls among equal margins: sort the pair's column as cleanlab does
+        c, j = divmod(int(p), k)
+        members = rows_of(c)
+        column = np.clip(np.asarray(pred_probs[members, j], dtype=np.float64), 0.0, 1.0)
+        is_issue[members[np.argsort(-(column - self_conf[members]))[: need[c, j]]]] = True
+    return is_issue
 
 
 def outlier_scores(pred_probs, *, labels=None, features=None) -> np.ndarray:
