@@ -1,0 +1,838 @@
+"""The leakage audit's maths: find exact and near duplicate images and say what they leak.
+
+Three ways to link two rows of a manifest:
+
+* ``sha256`` - the files' bytes are identical (:func:`content_hashes`);
+* ``phash`` - their perceptual hashes (DCT hash of the grayscale image, :func:`perceptual_hashes`)
+  differ in at most ``max_distance`` of 64 bits (:func:`hash_near_pairs`): resized and
+  re-compressed copies;
+* ``embedding`` - their backbone embeddings are among each other's k nearest neighbours with a
+  cosine similarity of at least ``min_cosine`` (:func:`embedding_near_pairs`): crops and edits
+  that move the perceptual hash too far.
+
+:func:`duplicate_pairs` turns the links into one table of pairs; :func:`leakage_per_class`,
+:func:`conflicting_label_rows` and :func:`summary_metrics` say what they mean for the splits and
+labels; :func:`merge_groups` gives fold groups that keep linked rows together.
+
+Everything here is a pure function (arrays and DataFrames in and out), except the two hash
+functions, which read the image files. N is the number of rows. A manifest is a DataFrame with
+columns ``image_uuid``, ``path`` (absolute), ``label``, ``split`` (train/val/test) and optionally
+``group`` (e.g. patient id; blank or absent means unknown). Problems the user can fix raise
+:class:`~cleanloop.errors.CleanloopError` with one line saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import imagehash
+import numpy as np
+import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from cleanloop.errors import CleanloopError
+from cleanloop.images import load_image
+from cleanloop.manifest import blank
+
+# Perceptual hashes closer than this many of 64 bits link two images (phash; its distances are
+# always even, as each hash has 32 bits set). Measured by tests/test_audit.py on its own data:
+# sklearn's 1,797 8x8 digits rendered at 64 px (white on black, bicubic), 1,613,706 pairs of
+# distinct images:
+#   max_distance         4      6      8      10     12
+#   distinct pairs       73     400    1433   3633   8235   (cross-class: 0, 1, 9, 84, 446)
+#   copies linked: resized 0.75x and JPEG q70: 100% from 4 up (largest distance seen: 4);
+#   2% border crop 94.3 / 99.5 / 99.9 / 100 / 100%; 4% border crop 27 / 59 / 84 / 97 / 99.5%.
+# 8 links every resized/re-compressed copy with a 2x margin and nearly all 2% crops, while 0.09%
+# of distinct pairs link (same-writer look-alikes; 9 across classes); 10 would link 2.5x as many
+# distinct pairs (84 across classes) for the last 4% crops, which the embedding check is for.
+# dhash, average_hash and whash, compared once on the same digits (not in the test), link fewer
+# 4% crops at a similar count of distinct pairs: about 3,600 pairs, phash 96%, dhash 17%;
+# about 1,300-1,800 pairs, phash 84%, average_hash 33%, whash 10%.
+# 8x8 digits are an extreme of look-alike images; on real photographs distinct pairs are rarer.
+PHASH_MAX_DISTANCE = 8
+PHASH_BITS = 64
+
+# Embedding defaults. Not measured here (no pretrained backbone offline): the step's config
+# should set min_cosine for its backbone; 0.95 only links near-identical embeddings.
+EMBEDDING_MIN_COSINE = 0.95
+EMBEDDING_K = 10
+# Cells of one float32 block of cosine similarities (chunk x chunk): 2**25 cells is 128 MiB,
+# whatever N is.
+EMBEDDING_BLOCK_CELLS = 2**25
+
+# hash_near_pairs: block values up to this many bits are looked up in a dense table (2**22 int64
+# starts: 32 MiB); wider blocks are searched in a sorted array.
+_DENSE_BITS = 22
+# Relative cost of a key looked up in a dense table, in a sorted array, and of a candidate pair
+# verified (measured on N=121,514 random hashes: about 25, 200 and 95 ns on a busy 2-core machine).
+_COST_DENSE_KEY, _COST_SORTED_KEY, _COST_CANDIDATE = 1.0, 8.0, 4.0
+# Bounds on the work arrays of hash_near_pairs, in elements (about 8-24 bytes each).
+_KEYS_PER_CHUNK = 2**22
+_CANDIDATES_PER_CHUNK = 2**23
+
+_READ_BLOCK = 1 << 20  # bytes read at a time when hashing file contents
+_MAX_LISTED = 5  # paths named in an error message
+
+PAIR_COLUMNS = (
+    "image_uuid_a",
+    "image_uuid_b",
+    "kind",
+    "similarity",
+    "split_a",
+    "split_b",
+    "label_a",
+    "label_b",
+    "group_a",
+    "group_b",
+    "method",
+)
+LEAKAGE_COLUMNS = (
+    "class",
+    "n_train",
+    "train_test_pairs",
+    "train_val_pairs",
+    "test_rows_with_train_copy",
+    "val_rows_with_train_copy",
+    "conflicting_label_pairs",
+)
+CONFLICT_COLUMNS = ("image_uuid", "given_label", "cluster", "cluster_labels", "cluster_size")
+
+
+def _listed(paths: Sequence) -> str:
+    shown = ", ".join(str(p) for p in list(paths)[:_MAX_LISTED])
+    more = len(paths) - _MAX_LISTED
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _map(func, items: Sequence, workers: int) -> list:
+    if workers <= 1 or len(items) < 2:
+        return [func(x) for x in items]
+    # Threads: hashlib and PIL's decoders release the GIL while they work.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(func, items))
+
+
+# ---------------------------------------------------------------------------------------------
+# hashing files
+
+
+def content_hashes(paths: Sequence[str], *, workers: int = 1) -> np.ndarray:
+    """The sha256 hex digest of each file's bytes.
+
+    Parameters
+    ----------
+    paths : sequence of str, length N
+        Image files (any file: only the bytes count).
+    workers : int
+        Threads reading files at once.
+
+    Returns
+    -------
+    np.ndarray, shape (N,), str
+        64 hex characters per file; equal digests mean byte-identical files.
+
+    Raises
+    ------
+    CleanloopError
+        Files that cannot be read, listing the first few and their count.
+    """
+
+    def digest(path):
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(_READ_BLOCK), b""):
+                    h.update(block)
+        except OSError:
+            return None
+        return h.hexdigest()
+
+    paths = [str(p) for p in paths]
+    digests = _map(digest, paths, workers)
+    bad = [p for p, d in zip(paths, digests, strict=True) if d is None]
+    if bad:
+        raise CleanloopError(f"cannot read {len(bad)} of {len(paths)} image file(s): {_listed(bad)}; "
+                             "fix or remove them from the manifest")
+    return np.array(digests, dtype=str) if digests else np.array([], dtype="<U64")
+
+
+def perceptual_hashes(paths: Sequence[str], *, hash_size: int = 8, workers: int = 1) -> np.ndarray:
+    """The perceptual hash (``imagehash.phash``, a DCT hash) of each image, as one integer.
+
+    Each image is decoded as training sees it (:func:`cleanloop.images.load_image`: EXIF
+    orientation applied, then RGB), and phash takes it to grayscale, 4 * hash_size pixels square,
+    so copies in another format, size or colour mode hash alike. Bit k of the integer is hash bit
+    k in imagehash's row-major order, counted from the most significant bit.
+
+    Parameters
+    ----------
+    paths : sequence of str, length N
+    hash_size : int
+        Side of the hash's bit grid: ``hash_size**2`` bits, at most 64. :func:`duplicate_pairs`
+        counts similarity out of 64 bits, so keep the default 8 for it.
+    workers : int
+        Threads decoding images at once.
+
+    Returns
+    -------
+    np.ndarray, shape (N,), uint64
+
+    Raises
+    ------
+    CleanloopError
+        Images that cannot be decoded, listing the first few and their count.
+    """
+    if not 2 <= hash_size <= 8:
+        raise CleanloopError(f"hash_size={hash_size}: choose 2..8 (hash_size**2 bits must fit in 64)")
+
+    def phash(path):
+        try:
+            bits = imagehash.phash(load_image(path), hash_size=hash_size).hash.ravel()
+        except CleanloopError:
+            return None
+        # Pack most significant bit first, as imagehash's str() does.
+        return int(np.packbits(np.r_[np.zeros(64 - bits.size, bool), bits]).view(">u8")[0])
+
+    paths = [str(p) for p in paths]
+    hashes = _map(phash, paths, workers)
+    bad = [p for p, h in zip(paths, hashes, strict=True) if h is None]
+    if bad:
+        raise CleanloopError(f"cannot decode {len(bad)} of {len(paths)} image(s): {_listed(bad)}; "
+                             "fix or remove them from the manifest")
+    return np.array(hashes, dtype=np.uint64)
+
+
+# ---------------------------------------------------------------------------------------------
+# near pairs
+
+
+_BYTE_BITS = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)
+
+
+def popcount64(x) -> np.ndarray:
+    """Set bits of each 64-bit integer; shape as ``x``, int64."""
+    x = np.ascontiguousarray(x, dtype=np.uint64)
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(x).astype(np.int64)
+    return _BYTE_BITS[x.view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1, dtype=np.int64)
+
+
+def _as_hashes(hashes) -> np.ndarray:
+    # A list of Python ints above 2**63 would become float64 (losing bits) in np.asarray.
+    arr = np.asarray(hashes) if hasattr(hashes, "dtype") else np.array(list(hashes), dtype=object)
+    if arr.ndim != 1:
+        raise CleanloopError(f"hashes has shape {arr.shape}, expected (N,)")
+    if arr.dtype == np.uint64:
+        return arr
+    if arr.dtype.kind in "iu" and arr.dtype.itemsize == 8:
+        return arr.view(np.uint64)  # the same bits (e.g. read back from a signed int64 column)
+    if arr.dtype.kind not in "iuO":
+        raise CleanloopError(f"hashes have dtype {arr.dtype}, expected uint64 (a float cannot hold 64 bits)")
+    try:
+        return np.array([int(h) for h in arr.tolist()], dtype=np.uint64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise CleanloopError(f"hashes are not 64-bit unsigned integers ({e})") from e
+
+
+def _blocks(n_blocks: int) -> list[tuple[int, int]]:
+    """(shift, width) of each of ``n_blocks`` nearly equal bit blocks of a 64-bit integer."""
+    widths = [PHASH_BITS // n_blocks + (1 if k < PHASH_BITS % n_blocks else 0) for k in range(n_blocks)]
+    shifts = np.cumsum([0, *widths[:-1]])
+    return [(int(s), w) for s, w in zip(shifts, widths, strict=True)]
+
+
+def _ball(width: int, radius: int) -> int:
+    return sum(math.comb(width, r) for r in range(min(radius, width) + 1))
+
+
+def _choose_blocks(n: int, max_distance: int) -> int:
+    """The number of blocks that makes the least work for N uniformly random hashes.
+
+    With m blocks, two hashes within ``d`` bits agree within ``d // m`` bits on at least one block
+    (pigeonhole), so every row looks up the ``ball`` of values that close to its own in each
+    block: m * ball lookups per row, each finding about N / 2**width rows to verify.
+    """
+    best, best_cost = 1, math.inf
+    for m in range(1, min(max_distance + 1, PHASH_BITS) + 1):
+        radius = max_distance // m
+        cost = 0.0
+        for _, width in _blocks(m):
+            keys = n * _ball(width, radius)
+            key_cost = _COST_DENSE_KEY if width <= _DENSE_BITS else _COST_SORTED_KEY
+            cost += keys * key_cost + keys * n / 2.0**width * _COST_CANDIDATE
+        if cost < best_cost:
+            best, best_cost = m, cost
+    return best
+
+
+def hash_near_pairs(hashes, *, max_distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs of 64-bit hashes within ``max_distance`` bits of each other, without N^2 work.
+
+    Multi-index hashing (Norouzi et al., 2012): the 64 bits are cut into m blocks; two hashes
+    within d bits agree within d // m bits on at least one block, so only rows whose block value
+    is that close are compared. m = d + 1 blocks with exact block matches is the plain pigeonhole
+    trick; m is chosen for the least work (for d = 8 and N = 121,514: 3 blocks of 21-22 bits, each
+    matched within 2 bits). Memory stays bounded: rows are processed in chunks.
+
+    Parameters
+    ----------
+    hashes : array_like, shape (N,)
+        uint64 (or int64 with the same bits, or Python ints below 2**64).
+    max_distance : int
+        Largest Hamming distance linked, 0..32.
+
+    Returns
+    -------
+    i, j : np.ndarray, shape (P,), int64
+        Row indices, ``i < j``, sorted by i then j.
+    distance : np.ndarray, shape (P,), int64
+        Hamming distance of each pair.
+    """
+    if not 0 <= int(max_distance) <= PHASH_BITS // 2:
+        raise CleanloopError(f"max_distance={max_distance}: choose 0..{PHASH_BITS // 2} bits of {PHASH_BITS}")
+    h = _as_hashes(hashes)
+    return _hash_near_pairs(h, int(max_distance), _choose_blocks(len(h), int(max_distance)))
+
+
+def _hash_near_pairs(h: np.ndarray, max_distance: int, n_blocks: int):
+    n = len(h)
+    radius = max_distance // n_blocks
+    blocks = _blocks(n_blocks)
+    out_i, out_j, out_d = [], [], []
+    for k, (shift, width) in enumerate(blocks):
+        vals = (h >> np.uint64(shift)) & np.uint64((1 << width) - 1)
+        order = np.argsort(vals, kind="stable")  # rows by block value: each value's bucket is a run
+        flips = np.array([sum(1 << b for b in bits)
+                          for r in range(min(radius, width) + 1)
+                          for bits in itertools.combinations(range(width), r)], dtype=np.uint64)
+        dense = width <= _DENSE_BITS
+        if dense:
+            # int32 keys and a table of bucket starts by value; most keys of a wide block find an
+            # empty bucket, which the byte-per-value `occupied` table (4 MiB at most) rules out first.
+            vals, flips = vals.astype(np.int32), flips.astype(np.int32)
+            counts = np.bincount(vals, minlength=1 << width)
+            occupied = counts > 0
+            starts = np.zeros((1 << width) + 1, dtype=np.int64)
+            np.cumsum(counts, out=starts[1:])
+        else:
+            sorted_vals = vals[order]
+        rows_per_chunk = max(1, _KEYS_PER_CHUNK // len(flips))
+        for start in range(0, n, rows_per_chunk):
+            keys = (vals[start:start + rows_per_chunk, None] ^ flips[None, :]).ravel()
+            if dense:
+                hit = np.flatnonzero(occupied[keys])
+                keys = keys[hit]
+                lo = starts[keys]
+                count = starts[keys + 1] - lo
+            else:
+                lo = np.searchsorted(sorted_vals, keys, side="left")
+                count = np.searchsorted(sorted_vals, keys, side="right") - lo
+                hit = np.flatnonzero(count)
+                lo, count = lo[hit], count[hit]
+            qrow = start + hit // len(flips)
+            # Expand the buckets in slices of about _CANDIDATES_PER_CHUNK candidate pairs.
+            ends = np.cumsum(count)
+            total = int(ends[-1]) if len(ends) else 0
+            cuts = np.searchsorted(ends, np.arange(_CANDIDATES_PER_CHUNK, total, _CANDIDATES_PER_CHUNK))
+            for a, b in zip(np.r_[0, cuts + 1], np.r_[cuts + 1, len(count)], strict=True):
+                if a >= b:
+                    continue
+                c = count[a:b]
+                offset = np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c)
+                i = np.repeat(qrow[a:b], c)
+                j = order[np.repeat(lo[a:b], c) + offset]
+                keep = i < j  # each pair is found from both ends, and a row finds itself
+                i, j = i[keep], j[keep]
+                x = h[i] ^ h[j]
+                dist = popcount64(x)
+                keep = dist <= max_distance
+                # A pair close on several blocks is kept by the first of them only.
+                for prev_shift, prev_width in blocks[:k]:
+                    prev = (x >> np.uint64(prev_shift)) & np.uint64((1 << prev_width) - 1)
+                    keep &= popcount64(prev) > radius
+                out_i.append(i[keep])
+                out_j.append(j[keep])
+                out_d.append(dist[keep])
+    if not out_i:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy(), empty.copy()
+    i, j, d = (np.concatenate(a).astype(np.int64) for a in (out_i, out_j, out_d))
+    order = np.lexsort((j, i))
+    return i[order], j[order], d[order]
+
+
+def _close_top_k(sim: np.ndarray, min_cosine: float, k: int):
+    """(row, column, similarity) of each row's at most k largest similarities >= min_cosine."""
+    close = sim >= min_cosine
+    many = np.flatnonzero(close.sum(axis=1) > k)
+    if len(many):  # the rest keep all their close columns, with no partition to pay for
+        top = np.argpartition(-sim[many], k - 1, axis=1)[:, :k]
+        close[many] = False
+        close[many[:, None], top] = True
+    r, c = np.nonzero(close)
+    return r, c, sim[r, c]
+
+
+def _top_k_per_row(rows: np.ndarray, cols: np.ndarray, cos: np.ndarray, k: int):
+    order = np.lexsort((cols, -cos, rows))
+    rows, cols, cos = rows[order], cols[order], cos[order]
+    first = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if len(rows) else np.zeros(0, np.int64)
+    rank = np.arange(len(rows)) - np.repeat(first, np.diff(np.r_[first, len(rows)]))
+    keep = rank < k
+    return rows[keep], cols[keep], cos[keep]
+
+
+def embedding_near_pairs(embeddings, *, min_cosine: float, k: int = EMBEDDING_K,
+                         chunk: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs of rows whose embeddings are near neighbours with cosine similarity >= ``min_cosine``.
+
+    A pair is kept when either row is among the other's ``k`` nearest neighbours by cosine (so a
+    row in a big cluster of copies links to at most k of them directly; components still join the
+    cluster). Similarities are float32 matrix products of ``chunk`` x ``chunk`` blocks, each block
+    once (it serves its rows and, transposed, its columns), so the work is N^2 D / 2 and memory
+    stays bounded whatever N is.
+
+    Parameters
+    ----------
+    embeddings : array_like, shape (N, D)
+        Any scale: rows are normalised here. A row of zeros has no direction and links to nothing.
+    min_cosine : float
+        Smallest cosine similarity linked, in [-1, 1].
+    k : int
+        Neighbours per row considered (the row itself excluded).
+    chunk : int, optional
+        Side of a block of similarities; default ``isqrt(EMBEDDING_BLOCK_CELLS)`` (128 MiB blocks).
+
+    Returns
+    -------
+    i, j : np.ndarray, shape (P,), int64
+        Row indices, ``i < j``, sorted by i then j, each pair once.
+    cosine : np.ndarray, shape (P,), float64
+        Cosine similarity of each pair, clipped into [-1, 1].
+    """
+    x = np.array(embeddings, dtype=np.float32)  # a copy: normalised in place
+    if x.ndim != 2:
+        raise CleanloopError(f"embeddings has shape {x.shape}, expected (N, D)")
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise CleanloopError(f"embeddings has NaN or infinite values in {int(bad.sum())} row(s) "
+                             f"(first: row {int(np.flatnonzero(bad)[0])}); recompute them")
+    if not -1.0 <= min_cosine <= 1.0:
+        raise CleanloopError(f"min_cosine={min_cosine}: choose a cosine similarity in [-1, 1]")
+    if k < 1:
+        raise CleanloopError(f"k={k}: choose at least 1 neighbour")
+    n = len(x)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, norms, out=x, where=norms > 0)
+    zero = norms[:, 0] <= 0
+    k = min(int(k), n - 1)
+    chunk = max(1, int(chunk) if chunk is not None else math.isqrt(EMBEDDING_BLOCK_CELLS))
+    # Each block adds at most k candidates per row; pruning to each row's k best whenever they
+    # pile up keeps them to O(N k).
+    limit = max(4 * n * k, 1 << 20)
+    rows, cols, cos = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+    held = 0
+    for a in range(0, n if k >= 1 else 0, chunk):
+        for b in range(a, n, chunk):
+            sim = x[a:a + chunk] @ x[b:b + chunk].T
+            if a == b:
+                np.fill_diagonal(sim, -np.inf)  # not its own neighbour
+            sim[zero[a:a + chunk]] = -np.inf
+            sim[:, zero[b:b + chunk]] = -np.inf
+            sides = [(sim, a, b)] if a == b else [(sim, a, b), (sim.T, b, a)]
+            for block, r0, c0 in sides:
+                r, c, v = _close_top_k(block, min_cosine, k)
+                rows.append(r + r0)
+                cols.append(c + c0)
+                cos.append(v)
+                held += len(r)
+            if held > limit:
+                rows, cols, cos = ([v] for v in _top_k_per_row(*map(np.concatenate, (rows, cols, cos)), k))
+                held = len(rows[0])
+    i, j, c = _top_k_per_row(*map(np.concatenate, (rows, cols, cos)), k)
+    c = np.clip(c.astype(np.float64), -1.0, 1.0)
+    a, b = np.minimum(i, j), np.maximum(i, j)
+    # A pair found from both ends keeps the larger value (float32 products of different blocks may
+    # differ in the last bit), so the result does not depend on the chunking.
+    order = np.lexsort((-c, b, a))
+    a, b, c = a[order], b[order], c[order]
+    first = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])] if len(a) else np.zeros(0, bool)
+    return a[first].astype(np.int64), b[first].astype(np.int64), c[first]
+
+
+# ---------------------------------------------------------------------------------------------
+# the pairs table
+
+
+def _rows(manifest: pd.DataFrame) -> pd.DataFrame:
+    """image_uuid, label, split, group of each row as stripped strings (blank group: "")."""
+    missing = [c for c in ("image_uuid", "label", "split") if c not in manifest.columns]
+    if missing:
+        raise CleanloopError(f"manifest has no column(s) {', '.join(missing)}")
+    def text(col: str) -> np.ndarray:
+        # As read_manifest does: a null is "" (pandas 3 keeps it NaN through astype(str)).
+        values = manifest[col]
+        return values.astype(str).str.strip().where(values.notna(), "").to_numpy(dtype=object)
+
+    rows = pd.DataFrame({"image_uuid": text("image_uuid"), "label": text("label"), "split": text("split")})
+    if "group" in manifest.columns:
+        group = pd.Series(text("group"), dtype=object)
+        rows["group"] = group.mask(blank(group), "").to_numpy(dtype=object)
+    else:
+        rows["group"] = ""
+    dup = rows["image_uuid"].duplicated(keep=False)
+    if dup.any():
+        raise CleanloopError(f"manifest: image_uuid is not unique ({_listed(rows['image_uuid'][dup].unique())}); "
+                             "give every row its own id")
+    return rows
+
+
+def _check_length(name: str, n: int, n_rows: int) -> None:
+    if n != n_rows:
+        raise CleanloopError(f"{name} has {n} rows but the manifest has {n_rows}; recompute it for this manifest")
+
+
+def duplicate_pairs(
+    manifest: pd.DataFrame,
+    *,
+    content_hash: Sequence[str],
+    phash=None,
+    phash_max_distance: int = PHASH_MAX_DISTANCE,
+    embeddings=None,
+    min_cosine: float = EMBEDDING_MIN_COSINE,
+    k: int = EMBEDDING_K,
+) -> pd.DataFrame:
+    """One row per pair of manifest rows linked as exact or near duplicates.
+
+    Parameters
+    ----------
+    manifest : DataFrame, N rows
+        Columns image_uuid (unique), label, split and optionally group.
+    content_hash : sequence of str, shape (N,)
+        :func:`content_hashes` of the rows' files; equal digests make an ``exact`` pair.
+    phash : array_like, shape (N,), uint64, optional
+        :func:`perceptual_hashes`; pairs within ``phash_max_distance`` bits are linked.
+    embeddings : array_like, shape (N, D), optional
+        Backbone embeddings; pairs found by :func:`embedding_near_pairs` with ``min_cosine`` and
+        ``k`` are linked.
+
+    Returns
+    -------
+    DataFrame
+        Columns ``PAIR_COLUMNS``: image_uuid_a < image_uuid_b (string order), kind, similarity,
+        split, label and group ("" when blank) of each side, method.
+
+        * ``exact`` pairs (equal content hashes; every pair of a cluster of copies): similarity
+          1.0, method ``sha256`` (whatever else links them).
+        * ``near`` pairs: method ``phash``, ``embedding`` or ``phash+embedding``; similarity is
+          the larger of ``1 - hamming / 64`` (phash) and the cosine (embedding) of the methods
+          that linked the pair.
+
+        Sorted by kind (exact first), similarity (descending), image_uuid_a, image_uuid_b.
+    """
+    rows = _rows(manifest)
+    n = len(rows)
+    content = np.asarray(content_hash).astype(str)
+    _check_length("content_hash", len(content), n)
+
+    # exact: every pair within each cluster of equal digests (clusters of copies are small)
+    codes, _ = pd.factorize(content)
+    by_code = np.argsort(codes, kind="stable")
+    sorted_codes = codes[by_code]
+    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]) if n else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], n]
+    exact_i, exact_j = [], []
+    for a, b in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
+        members = by_code[a:b]
+        ii, jj = np.triu_indices(b - a, 1)
+        exact_i.append(members[ii])
+        exact_j.append(members[jj])
+    exact = pd.DataFrame({
+        "i": np.concatenate(exact_i) if exact_i else np.zeros(0, np.int64),
+        "j": np.concatenate(exact_j) if exact_j else np.zeros(0, np.int64),
+    })
+    exact["similarity"] = 1.0
+    exact["method"] = "sha256"
+    exact["kind"] = "exact"
+
+    near = pd.DataFrame({"i": np.zeros(0, np.int64), "j": np.zeros(0, np.int64)})
+    if phash is not None:
+        hashes = _as_hashes(phash)
+        _check_length("phash", len(hashes), n)
+        i, j, dist = hash_near_pairs(hashes, max_distance=phash_max_distance)
+        near = pd.DataFrame({"i": i, "j": j, "phash": 1.0 - dist / PHASH_BITS})
+    if embeddings is not None:
+        emb = np.asarray(embeddings)
+        _check_length("embeddings", len(emb), n)
+        i, j, cos = embedding_near_pairs(emb, min_cosine=min_cosine, k=k)
+        near = near.merge(pd.DataFrame({"i": i, "j": j, "embedding": cos}), on=["i", "j"], how="outer")
+    lo, hi = np.minimum(near["i"], near["j"]), np.maximum(near["i"], near["j"])
+    near["i"], near["j"] = lo.astype(np.int64), hi.astype(np.int64)
+    near = near[content[near["i"].to_numpy()] != content[near["j"].to_numpy()]]  # already exact
+    methods = [m for m in ("phash", "embedding") if m in near.columns]
+    method = np.full(len(near), "", dtype=object)
+    for m in methods:
+        found = near[m].notna().to_numpy()
+        method[found] = np.where(method[found] == "", m, method[found] + "+" + m)
+    near = near.assign(
+        similarity=near[methods].max(axis=1) if methods else 0.0, method=method, kind="near",
+    )[["i", "j", "similarity", "method", "kind"]]
+
+    pairs = pd.concat([exact[["i", "j", "similarity", "method", "kind"]], near], ignore_index=True)
+    i, j = pairs["i"].to_numpy(np.int64), pairs["j"].to_numpy(np.int64)
+    uuid = rows["image_uuid"].to_numpy()
+    swap = uuid[i] > uuid[j]
+    a, b = np.where(swap, j, i), np.where(swap, i, j)
+    out = pd.DataFrame({
+        "image_uuid_a": uuid[a],
+        "image_uuid_b": uuid[b],
+        "kind": pairs["kind"].to_numpy(dtype=object),
+        "similarity": pairs["similarity"].to_numpy(dtype=np.float64),
+        "split_a": rows["split"].to_numpy()[a],
+        "split_b": rows["split"].to_numpy()[b],
+        "label_a": rows["label"].to_numpy()[a],
+        "label_b": rows["label"].to_numpy()[b],
+        "group_a": rows["group"].to_numpy()[a],
+        "group_b": rows["group"].to_numpy()[b],
+        "method": pairs["method"].to_numpy(dtype=object),
+    }, columns=list(PAIR_COLUMNS))
+    out["_exact_first"] = out["kind"] != "exact"
+    out = out.sort_values(["_exact_first", "similarity", "image_uuid_a", "image_uuid_b"],
+                          ascending=[True, False, True, True], kind="stable")
+    return out.drop(columns="_exact_first").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# what the pairs mean
+
+
+def _pair_rows(pairs: pd.DataFrame, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Manifest row index of each side of the pairs whose two ids are both in ``rows``."""
+    missing = [c for c in ("image_uuid_a", "image_uuid_b") if c not in pairs.columns]
+    if missing:
+        raise CleanloopError(f"pairs has no column(s) {', '.join(missing)}; make them with duplicate_pairs")
+    index = pd.Index(rows["image_uuid"])
+    a = index.get_indexer(pairs["image_uuid_a"].astype(str))
+    b = index.get_indexer(pairs["image_uuid_b"].astype(str))
+    known = (a >= 0) & (b >= 0) & (a != b)
+    return a[known].astype(np.int64), b[known].astype(np.int64)
+
+
+def _train_leaks(a: np.ndarray, b: np.ndarray, rows: pd.DataFrame, other: str):
+    """For pairs of one train row and one ``other``-split row: the train row's label, the other row."""
+    split = rows["split"].to_numpy()
+    a_train = (split[a] == "train") & (split[b] == other)
+    b_train = (split[b] == "train") & (split[a] == other)
+    train = np.r_[a[a_train], b[b_train]]
+    copy = np.r_[b[a_train], a[b_train]]
+    return rows["label"].to_numpy()[train], copy
+
+
+def linked_components(n_rows: int, i, j) -> np.ndarray:
+    """Connected component of each row in the graph with edges (i[p], j[p]).
+
+    Parameters
+    ----------
+    n_rows : int
+    i, j : array_like, shape (P,), int
+        Row indices of linked pairs.
+
+    Returns
+    -------
+    np.ndarray, shape (n_rows,), int64
+        Component ids 0.. numbered in order of each component's first row; an unlinked row is a
+        component of its own.
+    """
+    i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+    if n_rows == 0:
+        return np.zeros(0, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n_rows, n_rows))
+    _, labels = connected_components(graph, directed=False)
+    # Renumber by first row, whatever order scipy visits components in.
+    _, first = np.unique(labels, return_index=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[labels]
+
+
+def _group_components(rows: pd.DataFrame, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Components over the pairs (a, b) and over shared non-blank original groups."""
+    group = rows["group"].to_numpy()
+    has = np.flatnonzero(group != "")
+    codes, _ = pd.factorize(group[has])
+    hub = np.full(codes.max() + 1 if len(codes) else 0, -1, dtype=np.int64)
+    hub[codes] = has  # one row of each group (the last written): every member links to it
+    return linked_components(len(rows), np.r_[a, has], np.r_[b, hub[codes]])
+
+
+def merge_groups(manifest: pd.DataFrame, pairs: pd.DataFrame) -> pd.Series:
+    """A fold group per row that keeps linked rows together, as well as the original groups.
+
+    Rows are joined when a pair links them or when they share a non-blank ``group``; a blank group
+    is the row's own. For the train rows' folds, pass the train rows: pairs naming a row that is
+    not in ``manifest`` are ignored, and links are followed through the given rows only.
+
+    Names:
+
+    * a component that is exactly one original group keeps that group's name;
+    * any other component (groups joined by a pair, rows with a blank group, alone or linked) is
+      named ``<prefix>group:<smallest original group name in it>``, or
+      ``<prefix>image:<smallest image_uuid in it>`` when none of its rows has a group.
+
+    The prefix is ``linked:``, lengthened with ``_`` in front until no original group starts with
+    it, so a new name never equals an original one; group names are unique to a component and
+    image ids to a row, so two components never share a name. The same manifest and pairs always
+    give the same names.
+
+    Returns
+    -------
+    pd.Series, index of ``manifest``, str, name ``group``
+    """
+    rows = _rows(manifest)
+    a, b = _pair_rows(pairs, rows)
+    comp = _group_components(rows, a, b)
+    group = rows["group"].to_numpy()
+    prefix = "linked:"
+    while any(g.startswith(prefix) for g in set(group) - {""}):
+        prefix = "_" + prefix
+    frame = pd.DataFrame({"comp": comp, "group": group, "uuid": rows["image_uuid"].to_numpy()})
+    frame["grouped"] = frame["group"] != ""
+    per = frame.groupby("comp").agg(uuid=("uuid", "min"), all_grouped=("grouped", "all"))
+    named = frame[frame["grouped"]].groupby("comp")["group"]
+    per["group"] = named.min().reindex(per.index)
+    per["n_groups"] = named.nunique().reindex(per.index, fill_value=0)
+    names = np.where(
+        per["all_grouped"] & (per["n_groups"] == 1),
+        per["group"],  # exactly one original group: unchanged
+        np.where(per["group"].notna(), prefix + "group:" + per["group"].fillna(""), prefix + "image:" + per["uuid"]),
+    )
+    return pd.Series(names[comp], index=manifest.index, name="group", dtype=object)
+
+
+def leakage_per_class(pairs: pd.DataFrame, manifest: pd.DataFrame, *, classes: Sequence[str]) -> pd.DataFrame:
+    """What the pairs leak from each class's training rows into val and test.
+
+    A pair of a train row and a val or test row is counted under the train row's label. Only
+    direct pairs count (a test row linked to a train row through a val row is not a train-test
+    pair). Splits and labels come from ``manifest``; pairs naming rows not in it are ignored.
+
+    Returns
+    -------
+    DataFrame, one row per class in the order of ``classes``
+        class; n_train (train rows with that label); train_test_pairs, train_val_pairs; and
+        test_rows_with_train_copy, val_rows_with_train_copy: distinct test/val rows paired with a
+        train row of the class (a row copying train rows of two classes counts under both);
+        conflicting_label_pairs: pairs of two train rows with different labels, counted under
+        both labels (so the column sums to twice the number of such pairs).
+
+    Raises
+    ------
+    CleanloopError
+        A train row's label is not in ``classes``.
+    """
+    rows = _rows(manifest)
+    classes = [str(c) for c in classes]
+    train = rows["split"] == "train"
+    unknown = sorted(set(rows.loc[train, "label"]) - set(classes))
+    if unknown:
+        raise CleanloopError(f"train labels {_listed([repr(u) for u in unknown])} are not among the "
+                             f"{len(classes)} classes; "
+                             "check the class list against the manifest")
+    a, b = _pair_rows(pairs, rows)
+    label = rows["label"].to_numpy()
+    split = rows["split"].to_numpy()
+    table = pd.DataFrame({"class": classes})
+    table["n_train"] = table["class"].map(rows.loc[train, "label"].value_counts()).fillna(0)
+    for other in ("test", "val"):
+        cls, copy = _train_leaks(a, b, rows, other)
+        found = pd.DataFrame({"class": cls, "copy": copy})
+        table[f"train_{other}_pairs"] = table["class"].map(found["class"].value_counts()).fillna(0)
+        rows_with = found.drop_duplicates()["class"].value_counts()
+        table[f"{other}_rows_with_train_copy"] = table["class"].map(rows_with).fillna(0)
+    both = (split[a] == "train") & (split[b] == "train") & (label[a] != label[b])
+    conflicts = pd.Series(np.r_[label[a[both]], label[b[both]]]).value_counts()
+    table["conflicting_label_pairs"] = table["class"].map(conflicts).fillna(0)
+    counts = list(LEAKAGE_COLUMNS[1:])
+    table[counts] = table[counts].astype(np.int64)
+    return table[list(LEAKAGE_COLUMNS)]
+
+
+def conflicting_label_rows(pairs: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Train rows in a cluster of duplicates that carries more than one label.
+
+    Clusters are the connected components of the pairs between train rows (near pairs chain: A
+    like B like C puts A and C in one cluster). Every row of a cluster with two or more labels is
+    listed, as nothing says which label is right.
+
+    Returns
+    -------
+    DataFrame
+        Columns ``CONFLICT_COLUMNS``: image_uuid, given_label, cluster (0.. in order of the
+        clusters' smallest image_uuid), cluster_labels (the cluster's labels, sorted, joined by
+        ``|``), cluster_size (its train rows). Sorted by cluster, then image_uuid.
+    """
+    rows = _rows(manifest)
+    train = rows[rows["split"] == "train"].reset_index(drop=True)
+    a, b = _pair_rows(pairs, train)
+    comp = linked_components(len(train), a, b)
+    frame = pd.DataFrame({"image_uuid": train["image_uuid"], "given_label": train["label"], "comp": comp})
+    by = frame.groupby("comp")
+    frame["cluster_size"] = by["image_uuid"].transform("size")
+    frame["n_labels"] = by["given_label"].transform("nunique")
+    frame = frame[(frame["cluster_size"] > 1) & (frame["n_labels"] > 1)]
+    if frame.empty:
+        return pd.DataFrame({c: pd.Series(dtype=np.int64 if c in ("cluster", "cluster_size") else object)
+                             for c in CONFLICT_COLUMNS})
+    by = frame.groupby("comp")
+    frame = frame.assign(
+        cluster_labels=by["given_label"].transform(lambda s: "|".join(sorted(set(s)))),
+        first=by["image_uuid"].transform("min"),
+    )
+    frame["cluster"] = pd.factorize(frame["first"], sort=True)[0].astype(np.int64)
+    frame["cluster_size"] = frame["cluster_size"].astype(np.int64)
+    frame = frame.sort_values(["cluster", "image_uuid"], kind="stable")
+    return frame[list(CONFLICT_COLUMNS)].reset_index(drop=True)
+
+
+def summary_metrics(pairs: pd.DataFrame, manifest: pd.DataFrame) -> dict[str, float]:
+    """The audit's headline numbers, with MLflow metric keys.
+
+    * ``audit/pairs_exact``, ``audit/pairs_near``: rows of ``pairs`` of each kind;
+    * ``audit/leaks/train_test``, ``audit/leaks/train_val``: pairs of a train row and a test (val) row;
+    * ``audit/test_rows_with_train_copy``: distinct test rows paired with a train row;
+    * ``audit/groups_linked``: original non-blank groups whose rows are joined, through pairs
+      anywhere in the manifest, to a row outside the group;
+    * ``audit/conflicting_label_clusters``, ``audit/conflicting_label_rows``: from
+      :func:`conflicting_label_rows`.
+
+    Splits come from ``manifest``; pairs naming rows not in it count only in the pair counts.
+    """
+    rows = _rows(manifest)
+    a, b = _pair_rows(pairs, rows)
+    kind = pairs["kind"].astype(str) if "kind" in pairs.columns else pd.Series(dtype=str)
+    _, test_copy = _train_leaks(a, b, rows, "test")
+    _, val_copy = _train_leaks(a, b, rows, "val")
+
+    comp = _group_components(rows, a, b)
+    frame = pd.DataFrame({"comp": comp, "group": rows["group"].to_numpy()})
+    comp_size = frame.groupby("comp")["group"].transform("size")
+    group_size = frame.groupby("group")["group"].transform("size")
+    grouped = frame["group"] != ""
+    groups_linked = frame.loc[grouped & (comp_size > group_size), "group"].nunique()
+
+    conflicts = conflicting_label_rows(pairs, manifest)
+    return {
+        "audit/pairs_exact": float((kind == "exact").sum()),
+        "audit/pairs_near": float((kind == "near").sum()),
+        "audit/leaks/train_test": float(len(test_copy)),
+        "audit/leaks/train_val": float(len(val_copy)),
+        "audit/test_rows_with_train_copy": float(len(np.unique(test_copy))),
+        "audit/groups_linked": float(groups_linked),
+        "audit/conflicting_label_clusters": float(conflicts["cluster"].nunique()),
+        "audit/conflicting_label_rows": float(len(conflicts)),
+    }
