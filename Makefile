@@ -15,7 +15,7 @@ UI_PORT ?= 5000
 STORE := sqlite:///$(CURDIR)/mlruns/mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast lint cycle demo-data cache oof flag prune review train-baseline train-cleaned compare sweep ui bench bench-efficacy clean
+.PHONY: help venv test test-fast lint cycle demo-data cache audit oof flag prune review train-baseline train-cleaned compare sweep ui bench bench-efficacy clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ demo-data: $(STAMP) ## (re)build the demo dataset in data/demo/
 
 cache: $(STAMP) ## decode + resize every image once into the image cache (then train with data.cache=true)
 	$(BIN)/cleanloop cache $(ARGS)
+
+audit: $(STAMP) ## exact and near duplicate images across and within splits (leakage), audit/duplicates.csv
+	$(BIN)/cleanloop audit $(ARGS)
 
 oof: $(STAMP) ## k-fold out-of-fold probabilities
 	$(BIN)/cleanloop oof $(ARGS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 
 import imagehash
 import numpy as np
@@ -310,6 +311,202 @@ def test_embedding_near_pairs_rejects_bad_input():
     assert len(audit.embedding_near_pairs(np.ones((1, 4)), min_cosine=0.5)[0]) == 0
 
 
+def _planted_embeddings(seed: int, n: int = 700, d: int = 96) -> np.ndarray:
+    """Random rows at any scale; 80 planted pairs at cosine 0.91-0.995; 6 near copies of one row."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    a, b = rng.choice(n - 6, (2, 80), replace=False)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    z = x[b] - np.sum(x[b] * unit[a], axis=1, keepdims=True) * unit[a]
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    c = rng.uniform(0.91, 0.995, (80, 1)).astype(np.float32)
+    x[b] = (c * unit[a] + np.sqrt(1 - c**2) * z) * rng.uniform(0.5, 3.0, (80, 1)).astype(np.float32)
+    x[n - 6:] = x[a[0]] + 0.02 * rng.standard_normal((6, d)).astype(np.float32)  # more copies than k=3
+    return x
+
+
+@pytest.mark.parametrize("dims", [1, 4, 16, 48, 95])
+@pytest.mark.parametrize("chunk", [None, 128])
+def test_projected_search_equals_brute_force(dims, chunk):
+    # Any orthonormal projection keeps every pair within the radius: the result is exact for every
+    # dims, from 1 (almost every block falls back to the full product) to D - 1.
+    x = _planted_embeddings(seed=dims)
+    for k in (1, 3, 10):
+        i, j, cos = audit.embedding_near_pairs(x, min_cosine=0.9, k=k, dims=dims, chunk=chunk)
+        assert set(zip(i.tolist(), j.tolist(), strict=True)) == _embedding_reference(x, 0.9, k), k
+        xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+        np.testing.assert_allclose(cos, np.sum(xn[i] * xn[j], axis=1), atol=1e-5)
+    assert len(audit.embedding_near_pairs(x, min_cosine=0.9, k=1, dims=dims)[0]) >= 80
+
+
+def test_projection_is_chosen_from_the_data(monkeypatch):
+    # Thresholds lowered so a small set takes the path a large one does.
+    monkeypatch.setattr(audit, "_PROJECTION_MIN_ROWS", 1000)
+    monkeypatch.setattr(audit, "_PROJECTION_SAMPLE", 1000)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2500, 384)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+
+    basis = audit._projection(x, 0.95, None)
+    assert basis is not None and basis.shape[0] == 384 and basis.shape[1] in audit._PROJECTION_DIMS
+    np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-5)  # orthonormal
+    # a low threshold means a wide radius: nothing to rule out, so the full product
+    assert audit._projection(x, 0.2, None) is None
+    # fewer rows than _PROJECTION_MIN_ROWS, or dims 0 or >= D: the full product
+    assert audit._projection(x[:999], 0.95, None) is None
+    assert audit._projection(x, 0.95, 0) is None and audit._projection(x, 0.95, 384) is None
+    # the search at the chosen projection equals the full product
+    x[1:40] = x[0] + 0.01 * rng.standard_normal((39, 384)).astype(np.float32)
+    auto = audit.embedding_near_pairs(x, min_cosine=0.95, k=5)
+    full = audit.embedding_near_pairs(x, min_cosine=0.95, k=5, dims=0)
+    assert all(np.array_equal(a, b) for a, b in zip(auto[:2], full[:2], strict=True)) and len(auto[0]) >= 39
+
+
+# ---------------------------------------------------------------------------------------------
+# pixel-level confirmation
+
+
+def _sample_photo(rng: np.random.Generator, photos) -> Image.Image:
+    photo = photos[int(rng.integers(len(photos)))]
+    side = int(rng.integers(150, 300))
+    y, x = int(rng.integers(0, photo.shape[0] - side)), int(rng.integers(0, photo.shape[1] - side))
+    return Image.fromarray(photo[y:y + side, x:x + side]).resize((128, 128), Image.Resampling.LANCZOS)
+
+
+def _crop_sides(img: Image.Image, left: float, top: float, right: float, bottom: float) -> Image.Image:
+    return img.crop((round(img.width * left), round(img.height * top),
+                     img.width - round(img.width * right), img.height - round(img.height * bottom)))
+
+
+def test_thumbnails_are_grayscale_squares(tmp_path):
+    rgb = np.random.default_rng(5).integers(0, 256, (20, 40, 3), dtype=np.uint8)
+    colour = _save(Image.fromarray(rgb), tmp_path / "wide.png")
+    gray = str(tmp_path / "wide-gray.png")
+    Image.fromarray(rgb).convert("L").save(gray)
+
+    thumbs = audit.thumbnails([colour, gray], side=16, workers=2)
+
+    assert thumbs.shape == (2, 16, 16) and thumbs.dtype == np.float32
+    assert 0.0 <= thumbs.min() and thumbs.max() <= 255.0
+    np.testing.assert_allclose(thumbs[0], thumbs[1], atol=0.01)  # colour is dropped as PIL's "L" does
+    assert audit.thumbnails([], side=16).shape == (0, 16, 16)
+    with pytest.raises(CleanloopError, match=r"cannot decode 1 of 2 image\(s\): .*missing.png"):
+        audit.thumbnails([colour, tmp_path / "missing.png"])
+    with pytest.raises(CleanloopError, match="side=4"):
+        audit.thumbnails([colour], side=4)
+
+
+def test_pixel_similarity_confirms_copies_of_digits(tmp_path):
+    # Digits as the demo draws them (32 px) and copies as bench/audit_bench.py injects them.
+    digits = load_digits()
+    paths, pairs = [], []
+    for n in range(0, 200, 20):
+        img = _digit(digits.images[n], 32)
+        paths.append(_save(img, tmp_path / f"{n}.png"))
+        original = len(paths) - 1
+        copies = {
+            "small": (img.resize((19, 19), Image.Resampling.BICUBIC), {}, "png"),
+            "large": (img.resize((48, 48), Image.Resampling.BICUBIC), {}, "png"),
+            "q60": (img, {"quality": 60}, "jpg"),
+            "q85": (img, {"quality": 85}, "jpg"),
+            "crop5": (_cropped(img, 0.05), {}, "png"),
+            "crop-asym": (_crop_sides(img, 0.02, 0.05, 0.03, 0.04), {}, "png"),
+        }
+        for name, (copy, kwargs, ext) in copies.items():
+            paths.append(_save(copy, tmp_path / f"{n}-{name}.{ext}", **kwargs))
+            pairs.append((name, original, len(paths) - 1))
+    thumbs = audit.thumbnails(paths)
+    i, j = np.array([p[1] for p in pairs]), np.array([p[2] for p in pairs])
+
+    score = audit.pixel_similarity(thumbs, i, j, paths=paths)
+    print("\ndigit copies, lowest pixel score:", {name: round(float(score[[p[0] == name for p in pairs]].min()), 4)
+                                                  for name in copies})
+    assert (score >= audit.PIXEL_MIN_NCC).all()
+    np.testing.assert_array_equal(score, audit.pixel_similarity(thumbs, j, i, paths=paths))  # symmetric
+    # whole frames only: resized and JPEG copies still pass, crops need the box search
+    frame = audit.pixel_similarity(thumbs, i, j, min_scale=1.0)
+    cropped = np.array([p[0].startswith("crop") for p in pairs])
+    assert (frame[~cropped] >= audit.PIXEL_MIN_NCC).all() and (frame[cropped] < audit.PIXEL_MIN_NCC).all()
+
+
+def test_pixel_similarity_rejects_look_alike_digits(tmp_path):
+    # Distinct digits of one class whose perceptual hashes are within the candidate distance: the
+    # 150 closest in ink (8x8 L2) are the hardest; only the one pair of near-identical originals
+    # (rows 1585 and 1648, L2 5.3; the next closest pair of the 1,797 is 7.5) is confirmed.
+    digits = load_digits()
+    paths = [_save(_digit(px, 32), tmp_path / f"{n}.png") for n, px in enumerate(digits.images)]
+    i, j, _ = audit.hash_near_pairs(audit.perceptual_hashes(paths), max_distance=audit.CANDIDATE_PHASH_MAX_DISTANCE)
+    same = digits.target[i] == digits.target[j]
+    i, j = i[same], j[same]
+    ink = np.linalg.norm(digits.data[i] - digits.data[j], axis=1)
+    hardest = np.argsort(ink, kind="stable")[:150]
+    i, j, ink = i[hardest], j[hardest], ink[hardest]
+
+    score = audit.pixel_similarity(audit.thumbnails(paths), i, j, paths=paths)
+
+    confirmed = score >= audit.PIXEL_MIN_NCC
+    assert [(int(a), int(b)) for a, b in zip(i[confirmed], j[confirmed], strict=True)] == [(1585, 1648)]
+    assert ink[confirmed][0] < 6.0 and np.sort(score)[-2] < audit.PIXEL_MIN_NCC - 0.001  # 0.9941
+
+
+def test_pixel_similarity_confirms_copies_of_photos_and_text(tmp_path):
+    # The numbers behind PIXEL_MIN_NCC's note on other images: 12 patches of scikit-learn's sample
+    # photos and 4 text pages, 128 px, cropped 2-8% a side, resized and re-compressed.
+    rng = np.random.default_rng(0)
+    photos = load_sample_images().images
+    originals = {f"photo{n}": _sample_photo(rng, photos) for n in range(12)} | {f"text{n}": _text(n) for n in range(4)}
+    paths, pairs = [], []
+    for name, img in originals.items():
+        paths.append(_save(img, tmp_path / f"{name}.png"))
+        original = len(paths) - 1
+        for kind, copy, kwargs, ext in [("resized", _resized(img), {}, "png"), ("jpeg", img, {"quality": 60}, "jpg")] + [
+                (f"crop{f}", _cropped(img, f), {}, "png") for f in (0.02, 0.035, 0.05, 0.08)]:
+            paths.append(_save(copy, tmp_path / f"{name}-{kind}.{ext}", **kwargs))
+            pairs.append((name, kind, original, len(paths) - 1))
+    thumbs = audit.thumbnails(paths)
+    i, j = np.array([p[2] for p in pairs]), np.array([p[3] for p in pairs])
+
+    score = audit.pixel_similarity(thumbs, i, j, paths=paths)
+    thumbs_only = audit.pixel_similarity(thumbs, i, j)
+
+    kind = np.array([p[1] for p in pairs])
+    text = np.array([p[0].startswith("text") for p in pairs])
+    crop = np.char.startswith(kind, "crop")
+    print("\nphotos and text, lowest pixel score:",
+          {k: (round(float(score[(kind == k) & ~text].min()), 4), round(float(score[(kind == k) & text].min()), 4))
+           for k in dict.fromkeys(kind)})
+    assert (score[~crop] >= 0.999).all()
+    assert score[crop & ~text].min() >= 0.995  # 0.9958: one 2% crop of 12; the others >= 0.9986
+    assert score[crop & text].min() >= 0.994  # 8% crops of text 0.9945-0.9966, others >= 0.997
+    assert np.mean(score[crop] >= audit.PIXEL_MIN_NCC) >= 0.9
+    # A box sampled from a thumbnail is blurred by the interpolation: rendering it again from the
+    # file is what lifts a crop to a resized copy's score.
+    assert np.median(thumbs_only[crop]) < 0.99 < np.median(score[crop])
+    # distinct originals are far below
+    ii, jj = np.triu_indices(len(originals), 1)
+    firsts = np.array(sorted({p[2] for p in pairs}))
+    assert audit.pixel_similarity(thumbs, firsts[ii], firsts[jj], paths=paths).max() < 0.95
+
+
+def test_pixel_similarity_flat_images_and_bad_input():
+    side = 16
+    ramp = np.tile(np.linspace(0, 255, side, dtype=np.float32), (side, 1))
+    thumbs = np.stack([np.full((side, side), 100.0), np.full((side, side), 100.0), np.full((side, side), 151.0),
+                       ramp, ramp[:, ::-1]]).astype(np.float32)
+
+    score = audit.pixel_similarity(thumbs, [0, 0, 0, 3, 3], [1, 2, 3, 4, 3])
+
+    assert score[:3].tolist() == pytest.approx([1.0, 1.0 - 51.0 / 255.0, 0.0])  # flat: levels compared
+    assert score[3] < 0 and score[4] == pytest.approx(1.0)  # a mirrored ramp anticorrelates
+    assert len(audit.pixel_similarity(thumbs, [], [])) == 0
+    with pytest.raises(CleanloopError, match="min_scale"):
+        audit.pixel_similarity(thumbs, [0], [1], min_scale=0.0)
+    with pytest.raises(CleanloopError, match="thumbs has shape"):
+        audit.pixel_similarity(thumbs[:, :4, :4], [0], [1])
+    with pytest.raises(CleanloopError, match="paths has 1 rows"):
+        audit.pixel_similarity(thumbs, [0], [1], paths=["x.png"])
+
+
 # ---------------------------------------------------------------------------------------------
 # the pairs table
 
@@ -373,6 +570,104 @@ def test_duplicate_pairs_rejects_mismatched_inputs():
         audit.duplicate_pairs(manifest, content_hash=["1", "2"], embeddings=np.ones((1, 3)))
     with pytest.raises(CleanloopError, match="image_uuid is not unique"):
         audit.duplicate_pairs(_manifest(["a", "a"], ["x", "y"], ["train", "test"]), content_hash=["1", "2"])
+
+
+def _find_fixture(tmp_path):
+    """Digits as the demo draws them, with copies across splits, and a look-alike pair of distinct digits."""
+    digits = load_digits()
+    # 1076 and 1134: two distinct 6s whose perceptual hashes are 10 bits apart at 32 px
+    originals = {f"d{n}": _digit(digits.images[n], 32) for n in (0, 10, 20, 30, 1076, 1134)}
+    files = {name: _save(img, tmp_path / f"{name}.png") for name, img in originals.items()}
+    shutil.copyfile(files["d0"], tmp_path / "d0-copy.png")
+    files["d0-copy"] = str(tmp_path / "d0-copy.png")
+    files["d10-small"] = _save(originals["d10"].resize((20, 20), Image.Resampling.BICUBIC), tmp_path / "d10-small.png")
+    files["d20-q70"] = _save(originals["d20"], tmp_path / "d20-q70.jpg", quality=70)
+    files["d30-crop"] = _save(_crop_sides(originals["d30"], 0.03, 0.05, 0.04, 0.02), tmp_path / "d30-crop.png")
+    uuids = list(files)
+    manifest = pd.DataFrame({
+        "image_uuid": uuids,
+        "path": [files[u] for u in uuids],
+        "label": ["zero", "zero", "one", "two", "six", "six", "zero", "zero", "nine", "three"],
+        "split": ["train", "train", "train", "train", "train", "test", "test", "test", "train", "val"],
+        "group": ["g0", "g1", "g2", "g3", "g4", "g5", "", "g6", "g7", None],
+    })
+    return manifest
+
+
+def test_find_duplicates_confirms_near_pairs_at_pixel_level(tmp_path):
+    manifest = _find_fixture(tmp_path)
+    hashes = audit.perceptual_hashes(manifest["path"])
+    lookalike = int(audit.popcount64(hashes[4] ^ hashes[5]))
+    assert 0 < lookalike <= audit.CANDIDATE_PHASH_MAX_DISTANCE  # a candidate, which the pixels must reject
+
+    pairs = audit.find_duplicates(manifest, workers=2)
+
+    assert list(pairs.columns) == list(audit.PAIR_COLUMNS)
+    got = [tuple(r) for r in pairs[["image_uuid_a", "image_uuid_b", "kind", "method"]].to_numpy()]
+    assert got[0] == ("d0", "d0-copy", "exact", "sha256")
+    assert sorted(got[1:]) == [("d10", "d10-small", "near", "pixels"), ("d20", "d20-q70", "near", "pixels"),
+                               ("d30", "d30-crop", "near", "pixels")]
+    assert pairs["similarity"].iloc[0] == 1.0 and (pairs["similarity"].iloc[1:] >= audit.PIXEL_MIN_NCC).all()
+    row = pairs.set_index("image_uuid_b").loc["d20-q70"]
+    assert (row.split_a, row.split_b, row.label_a, row.label_b, row.group_a, row.group_b) == (
+        "train", "train", "one", "nine", "g2", "g7")
+    assert pairs.set_index("image_uuid_b").loc["d30-crop", "group_b"] == ""
+    # phash alone (no confirmation) would have linked the look-alikes
+    loose = audit.find_duplicates(manifest, min_pixel_ncc=-1.0)
+    assert ("d1076", "d1134") in set(zip(loose["image_uuid_a"], loose["image_uuid_b"], strict=True))
+    # deterministic
+    pd.testing.assert_frame_equal(pairs, audit.find_duplicates(manifest))
+
+
+def test_find_duplicates_with_embeddings(tmp_path):
+    manifest = _find_fixture(tmp_path)
+    emb = np.eye(len(manifest), 16, dtype=np.float32)
+    emb[5] = emb[4]  # the look-alikes: an embedding pair, not confirmed by the pixels
+    emb[7] = emb[1] + 0.01 * emb[2]  # d10 and its small copy: both
+    emb[9] = 0.5 * emb[0] + emb[9]  # d30's crop: cosine 0.45, below min_cosine; pixels alone
+
+    pairs = audit.find_duplicates(manifest, embeddings=emb, min_cosine=0.95)
+
+    method = dict(zip(zip(pairs["image_uuid_a"], pairs["image_uuid_b"], strict=True), pairs["method"], strict=True))
+    assert method == {("d0", "d0-copy"): "sha256", ("d10", "d10-small"): "pixels+embedding",
+                      ("d1076", "d1134"): "embedding", ("d20", "d20-q70"): "pixels", ("d30", "d30-crop"): "pixels"}
+    sim = dict(zip(pairs["image_uuid_a"], pairs["similarity"], strict=True))
+    assert sim["d1076"] == pytest.approx(1.0)  # its cosine
+    with pytest.raises(CleanloopError, match="embeddings has 3 rows but the manifest has 10"):
+        audit.find_duplicates(manifest, embeddings=emb[:3])
+
+
+def test_find_duplicates_rejects_bad_input(tmp_path):
+    manifest = _find_fixture(tmp_path)
+    with pytest.raises(CleanloopError, match="no column path"):
+        audit.find_duplicates(manifest.drop(columns="path"))
+    with pytest.raises(CleanloopError, match="min_pixel_ncc=2"):
+        audit.find_duplicates(manifest, min_pixel_ncc=2)
+    with pytest.raises(CleanloopError, match="max_distance=40"):
+        audit.find_duplicates(manifest, phash_max_distance=40)
+    with pytest.raises(CleanloopError, match=r"cannot read 1 of 10"):
+        audit.find_duplicates(manifest.assign(path=manifest["path"].where(manifest.index != 3, "/nope.png")))
+    empty = audit.find_duplicates(manifest.iloc[:0])
+    assert empty.empty and list(empty.columns) == list(audit.PAIR_COLUMNS)
+
+
+def test_audit_bench_quick(tmp_path):
+    # bench/audit_bench.py cannot rot: its --quick run (a few hundred rows, 12,000 embeddings).
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import audit_bench
+
+    start = time.perf_counter()
+    result = audit_bench.main(["--quick", "--out", str(tmp_path / "b8.json")])
+    print(f"\naudit_bench --quick: {time.perf_counter() - start:.1f} s")
+
+    assert (tmp_path / "b8.json").is_file()
+    d = result["demo"]["default"]
+    assert d["cross_split_recall"] == 1.0 and d["cross_split_precision"] == 1.0 and d["train_recall"] == 1.0
+    assert d["conflicting_label_copies_found"][0] == d["conflicting_label_copies_found"][1] > 0
+    s = result["scale"]
+    assert s["recall"] == 1.0 and s["decoys_found"] == 0 and s["subset_same_pairs"]
 
 
 # ---------------------------------------------------------------------------------------------

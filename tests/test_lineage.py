@@ -228,7 +228,7 @@ def test_cycle_in_a_new_mlflow_store_reuses_and_relogs(manifest, tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{db}")
     runs = mlflow.search_runs(search_all_experiments=True)
     reused = runs[runs["tags.cleanloop.reused_from"].notna()]
-    assert sorted(reused["tags.cleanloop.step"]) == ["flag", "oof", "prune", "train", "train"]
+    assert sorted(reused["tags.cleanloop.step"]) == ["audit", "flag", "oof", "prune", "train", "train"]
     trains = reused[reused["tags.cleanloop.step"] == "train"]
     assert sorted(trains["tags.cleanloop.role"]) == ["baseline", "cleaned"]
     assert trains["tags.cleanloop.recipe"].nunique() == 1 and trains["metrics.test/top1"].notna().all()

@@ -99,6 +99,29 @@ def test_four_parallel_joblib_jobs_lose_no_run(tiny_manifest, tmp_path):
         ["prune_by_noise_rate", "both", "confident_learning", "predicted_neq_given"])
 
 
+@pytest.mark.slow
+def test_two_submitit_local_jobs_log_under_one_sweep_parent(tiny_manifest, tmp_path):
+    """hydra/launcher=submitit_local: real submitit jobs (pickled configs, one process each)."""
+    oof = hand_made_oof(tiny_manifest, tmp_path / "oof.parquet")
+    sweep = tmp_path / "sweep"
+    r = run_cli("flag", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                f"hydra.sweep.dir={sweep}", "flag.filter_by=prune_by_noise_rate,both", *TINY,
+                f"data.manifest={tiny_manifest}", f"flag.oof={oof}", f"paths.root_dir={tmp_path}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pickled = sorted(p.name for p in (sweep / ".submitit").rglob("*_submitted.pkl"))
+    assert len(pickled) == 2, pickled  # two jobs went through submitit, each with its pickled call
+    for job in ("0", "1"):
+        assert (sweep / job / "flag" / "label_issues.csv").is_file()
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    flags = runs_of(uri, "flag")
+    assert len(flags) == 2 and (flags["status"] == "FINISHED").all()
+    assert sorted(flags["params.flag.filter_by"]) == ["both", "prune_by_noise_rate"]
+    parents = set(flags["tags.mlflow.parentRunId"])
+    assert len(parents) == 1 and None not in parents
+    parent = mlflow.get_run(parents.pop())
+    assert parent.info.status == "FINISHED" and parent.data.tags.get("cleanloop.step", "").startswith("sweep")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

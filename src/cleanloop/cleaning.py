@@ -772,6 +772,7 @@ def render_montage(
     marked: Sequence[bool] | None = None,
     mark_label: str = "",
     legend: Sequence[str] = (),
+    empty: str = "no flagged rows",
 ) -> Path:
     """Draw the images in a grid, each captioned underneath, and write it as a PNG (atomically).
 
@@ -795,6 +796,8 @@ def render_montage(
     legend : sequence of str
         Lines that explain the picture (what a caption says, the order), drawn in a band under
         the grid and wrapped to its width. With neither ``legend`` nor ``mark_label``, no band.
+    empty : str
+        What the picture says when there are no images.
 
     Returns
     -------
@@ -814,7 +817,7 @@ def render_montage(
     if not paths:
         img = Image.new("RGB", (max(240, 3 * thumb), thumb), MONTAGE_BACKGROUND)
         ImageDraw.Draw(img).text(
-            (img.width / 2, img.height / 2), "no flagged rows", fill=MONTAGE_TEXT, font=font, anchor="mm"
+            (img.width / 2, img.height / 2), empty, fill=MONTAGE_TEXT, font=font, anchor="mm"
         )
         return write_atomic(out_path, lambda p: img.save(p, format="PNG"))
 

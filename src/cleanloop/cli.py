@@ -10,6 +10,7 @@ import sys
 STEPS = {
     "demo-data": "cleanloop.steps.demo_data",
     "cache": "cleanloop.steps.cache",
+    "audit": "cleanloop.steps.audit",
     "oof": "cleanloop.steps.oof",
     "flag": "cleanloop.steps.flag",
     "prune": "cleanloop.steps.prune",

@@ -58,3 +58,17 @@ def file_hash(path: str | Path, n: int = 12) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:n]
+
+
+def recipe_hash(cfg: DictConfig, *, with_seed: bool = False) -> str:
+    """What makes two trainings the same recipe: model, recipe and numeric precision.
+
+    The seed is not part of the recipe (``cleanloop.seed`` is its own tag) so runs of several
+    seeds pair up by seed under one recipe; ``with_seed`` includes it, for caching.
+    """
+    recipe = OmegaConf.to_container(cfg.recipe, resolve=True)
+    if not with_seed:
+        recipe.pop("seed", None)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model.pop("compare_seeds", None)  # how many seed pairs compare pools, not how one model trains
+    return short_hash({"model": model, "recipe": recipe, "precision": cfg.trainer.precision})

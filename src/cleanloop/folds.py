@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from cleanloop.errors import CleanloopError
 from cleanloop.manifest import MISSING_GROUP, blank
@@ -19,15 +18,27 @@ class FoldGroups:
 
     groups: np.ndarray | None  # (N,) group of each row, or None for ungrouped folds
     n_own: int = 0  # rows with a blank group made their own group (data.missing_group=own)
+    n_joined: int = 0  # groups the audit joined to others because their images are copies (audit.merge_groups)
 
     @property
     def description(self) -> str:
         """How the folds are made, as the oof run records it (tag ``cleanloop.folds``)."""
         if self.groups is None:
             return "StratifiedKFold"
+        if self.n_joined:
+            return f"StratifiedGroupKFold on group, with {self.n_joined} groups joined by the audit's duplicates"
         if self.n_own:
             return f"StratifiedGroupKFold on group ({self.n_own} blank rows as their own groups)"
         return "StratifiedGroupKFold on group"
+
+
+def same_partition(a: Sequence, b: Sequence) -> bool:
+    """Whether two labellings of the same rows split them into the same sets (names aside)."""
+    pairs = pd.DataFrame({"a": pd.Series(list(a), dtype=object), "b": pd.Series(list(b), dtype=object)})
+    if pairs["b"].isna().any():
+        return False
+    return bool((pairs.groupby("a", dropna=False)["b"].nunique() == 1).all()
+                and (pairs.groupby("b")["a"].nunique(dropna=False) == 1).all())
 
 
 def n_partly_blank(groups: Sequence | None) -> int:
@@ -73,6 +84,9 @@ def assign_folds(labels: Sequence, *, n_folds: int, seed: int, groups: Sequence 
     in one fold, so no patient straddles train and held-out; otherwise ``StratifiedKFold``.
     The same labels, groups, n_folds and seed always give the same folds.
     """
+    # here, not at the top: steps that only read folds (flag, prune, compare) skip sklearn's import
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
     labels = np.asarray(labels)
     fold = np.full(len(labels), -1, dtype=np.int64)
     x = np.zeros(len(labels))

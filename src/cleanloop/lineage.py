@@ -58,8 +58,8 @@ def environment() -> dict:
 
 
 def reads_images(step: str) -> bool:
-    """Steps whose outputs depend on the image files (oof, flag's montage and paths, train)."""
-    return step in ("oof", "flag", "review") or step.startswith("train")
+    """Steps whose outputs depend on the image files (audit's hashes, oof, flag's montage and paths, train)."""
+    return step in ("audit", "oof", "flag", "review") or step.startswith("train")
 
 
 # -- image fingerprint ------------------------------------------------------------------------

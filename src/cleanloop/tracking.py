@@ -129,7 +129,7 @@ def _flat_params(cfg: DictConfig) -> dict[str, str]:
         else:
             out[prefix] = str(node)[:500]
 
-    for group in ("data", "model", "recipe", "oof", "flag", "prune", "compare"):
+    for group in ("data", "model", "recipe", "audit", "oof", "flag", "prune", "compare"):
         if group in container:
             walk(group, container[group])
     out["trainer.precision"] = str(container.get("trainer", {}).get("precision"))

@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig, OmegaConf
 
-from cleanloop.config import short_hash
+from cleanloop.config import recipe_hash, short_hash  # noqa: F401 (recipe_hash: re-exported)
 from cleanloop.data import ManifestDataModule, set_memory_cache
 from cleanloop.errors import CleanloopError
 from cleanloop.imagecache import cache_from_config
@@ -51,20 +51,6 @@ class EpochLog(L.Callback):
 
         if mlflow.active_run() is not None:
             mlflow.log_metrics(values, step=epoch)
-
-
-def recipe_hash(cfg: DictConfig, *, with_seed: bool = False) -> str:
-    """What makes two trainings the same recipe: model, recipe and numeric precision.
-
-    The seed is not part of the recipe (``cleanloop.seed`` is its own tag) so runs of several
-    seeds pair up by seed under one recipe; ``with_seed`` includes it, for caching.
-    """
-    recipe = OmegaConf.to_container(cfg.recipe, resolve=True)
-    if not with_seed:
-        recipe.pop("seed", None)
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    model.pop("compare_seeds", None)  # how many seed pairs compare pools, not how one model trains
-    return short_hash({"model": model, "recipe": recipe, "precision": cfg.trainer.precision})
 
 
 def build_module(cfg: DictConfig, classes: Sequence[str]) -> Classifier:

@@ -185,7 +185,7 @@ def cached(cfg: DictConfig, step: str, key: str, build: Callable[[Path], dict], 
 
 # Steps that read the input manifest, and whether they make folds (oof.n_folds train rows per class,
 # and a `group` column that is filled in everywhere or nowhere unless data.missing_group=own).
-_READS_MANIFEST = {"cache": False, "oof": True, "cycle": True, "flag": False, "prune": False, "review": False, "train": False}
+_READS_MANIFEST = {"cache": False, "audit": False, "oof": True, "cycle": True, "flag": False, "prune": False, "review": False, "train": False}
 
 
 def preflight(step: str, cfg: DictConfig) -> None:

@@ -23,7 +23,7 @@ from cleanloop.config import file_hash, short_hash
 from cleanloop.errors import CleanloopError
 from cleanloop.io import write_csv, write_json
 from cleanloop.steps.common import cached, load_input, out_path
-from cleanloop.steps.locate import cleaned_output
+from cleanloop.steps.locate import audit_output, cleaned_output
 from cleanloop.tracking import (
     NOTE_TAG,
     log_artifact_files,
@@ -165,8 +165,26 @@ def _test_predictions(run_id: str) -> pd.DataFrame:
         return pd.read_parquet(path)
 
 
-def _aligned(pairs: list[tuple[str, str]]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """classes, labels (N,), baseline preds (S, N), cleaned preds (S, N) on the same test rows."""
+def _leaked_test_rows(cfg: DictConfig) -> set[str] | None:
+    """``audit.test_leaks=exclude``: the test rows with a copy in train (the audit's duplicates.csv), else None."""
+    if cfg.get("audit") is None or cfg.audit.get("test_leaks", "report") == "report":
+        return None
+    if cfg.audit.test_leaks != "exclude":
+        raise CleanloopError(f"audit.test_leaks={cfg.audit.test_leaks!r}: choose report or exclude")
+    path = audit_output(cfg, load_input(cfg), "duplicates.csv")
+    if not path.is_file():
+        raise CleanloopError(f"{path}: no audit of this manifest yet; run `cleanloop audit` first (cycle does), "
+                             "or set audit.test_leaks=report")
+    pairs = pd.read_csv(path, dtype=str, keep_default_na=False)
+    leaked = set()
+    for a, b in (("a", "b"), ("b", "a")):
+        hit = (pairs[f"split_{a}"] == "test") & (pairs[f"split_{b}"] == "train")
+        leaked.update(pairs.loc[hit, f"image_uuid_{a}"])
+    return leaked
+
+
+def _aligned(pairs: list[tuple[str, str]]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """classes, labels (N,), baseline preds (S, N), cleaned preds (S, N), test uuids (N,) on the same test rows."""
     ref = None
     preds_a, preds_b = [], []
     for a_id, b_id in pairs:
@@ -182,7 +200,7 @@ def _aligned(pairs: list[tuple[str, str]]) -> tuple[list[str], np.ndarray, np.nd
             out.append(df["predicted_label"].map(index).to_numpy())
     uuids, labels, classes = ref
     index = {c: i for i, c in enumerate(classes)}
-    return classes, np.array([index[c] for c in labels]), np.stack(preds_a), np.stack(preds_b)
+    return classes, np.array([index[c] for c in labels]), np.stack(preds_a), np.stack(preds_b), uuids
 
 
 def _issue_rates(cfg: DictConfig, classes: list[str]) -> pd.Series:
@@ -225,7 +243,7 @@ def flag_overlap(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, pd.Dat
 
 
 COMPARE_FILES = ["recall_deltas.csv", "recall_deltas.png", "compare_summary.json", "flag_overlap.csv",
-                 "flag_only_rows.csv"]
+                 "flag_only_rows.csv", "recall_deltas_deleaked.csv"]
 
 
 def _flag_run_of(cfg: DictConfig) -> str | None:
@@ -263,23 +281,30 @@ def run(cfg: DictConfig) -> dict:
     issues = _issues_path(cfg)
     options = {k: v for k, v in OmegaConf.to_container(cfg.compare, resolve=True).items()
                if k not in ("baseline", "cleaned", "issues")}
-    key = short_hash({"pairs": pairs, "compare": options, "issues": file_hash(issues) if issues.is_file() else None})
-    return cached(cfg, "compare", key, lambda d: _compare(cfg, pairs, d), publish_to=out_path(cfg, "compare"),
-                  names=COMPARE_FILES)
+    leaked = _leaked_test_rows(cfg)
+    parts = {"pairs": pairs, "compare": options, "issues": file_hash(issues) if issues.is_file() else None}
+    if leaked is not None:  # only then: keys of plain compares stay as they were
+        parts["leaked_test_rows"] = short_hash(sorted(leaked))
+    return cached(cfg, "compare", short_hash(parts), lambda d: _compare(cfg, pairs, d, leaked),
+                  publish_to=out_path(cfg, "compare"), names=COMPARE_FILES)
 
 
-def _compare(cfg: DictConfig, pairs: list[tuple[str, str]], out_dir: Path) -> dict:
-    classes, labels, preds_a, preds_b = _aligned(pairs)
-    cc = cfg.compare
-    boot = paired_bootstrap(labels, preds_a, preds_b, num_classes=len(classes), n_bootstrap=cc.n_bootstrap,
-                            confidence=cc.confidence, seed=cc.seed)
+def _recall_table(cfg: DictConfig, classes: list[str], labels: np.ndarray, boot: dict) -> pd.DataFrame:
     rec = boot["recall"]
-    table = pd.DataFrame({
+    return pd.DataFrame({
         "class": classes, "recall_baseline": rec["value_a"].to_numpy(), "recall_cleaned": rec["value_b"].to_numpy(),
         "delta": rec["delta"].to_numpy(), "ci_low": rec["ci_low"].to_numpy(), "ci_high": rec["ci_high"].to_numpy(),
         "issue_rate": _issue_rates(cfg, classes).to_numpy(),
         "n_test": np.bincount(labels, minlength=len(classes)),  # the test rows behind each recall
     }).sort_values(["issue_rate", "class"], ascending=[False, True], kind="mergesort").reset_index(drop=True)
+
+
+def _compare(cfg: DictConfig, pairs: list[tuple[str, str]], out_dir: Path, leaked: set[str] | None = None) -> dict:
+    classes, labels, preds_a, preds_b, uuids = _aligned(pairs)
+    cc = cfg.compare
+    boot = paired_bootstrap(labels, preds_a, preds_b, num_classes=len(classes), n_bootstrap=cc.n_bootstrap,
+                            confidence=cc.confidence, seed=cc.seed)
+    table = _recall_table(cfg, classes, labels, boot)
     baseline_ids, cleaned_ids = [a for a, _ in pairs], [b for _, b in pairs]
     tags = {"cleanloop.baseline_runs": ",".join(baseline_ids), "cleanloop.cleaned_runs": ",".join(cleaned_ids),
             "cleanloop.recipe": _run_tags(cleaned_ids[0]).get("cleanloop.recipe", "")}
@@ -310,6 +335,24 @@ def _compare(cfg: DictConfig, pairs: list[tuple[str, str]], out_dir: Path) -> di
                    **{stat: {k: float(v) for k, v in boot[stat].items()} for stat in STATISTICS},
                    "recall": table.replace({np.nan: None}).to_dict(orient="records")}
         artifacts = [out_dir / "recall_deltas.csv", out_dir / "recall_deltas.png"]
+        if leaked is not None:  # beside the raw test split, never instead of it
+            keep = ~np.isin(np.asarray(uuids, dtype=object), list(leaked))
+            summary["deleaked"] = {"n_test": int(keep.sum()), "n_excluded": int((~keep).sum())}
+            if keep.any():
+                clean = paired_bootstrap(labels[keep], preds_a[:, keep], preds_b[:, keep], num_classes=len(classes),
+                                         n_bootstrap=cc.n_bootstrap, confidence=cc.confidence, seed=cc.seed)
+                write_csv(out_dir / "recall_deltas_deleaked.csv", _recall_table(cfg, classes, labels[keep], clean))
+                artifacts.append(out_dir / "recall_deltas_deleaked.csv")
+                for stat in STATISTICS:
+                    s = clean[stat]
+                    summary["deleaked"][stat] = {k: float(v) for k, v in s.items()}
+                    mlflow.log_metrics({f"deleaked/delta/{stat}": float(s["delta"]),
+                                        f"deleaked/delta/{stat}/ci_low": float(s["ci_low"]),
+                                        f"deleaked/delta/{stat}/ci_high": float(s["ci_high"])})
+            mlflow.log_metric("deleaked/n_excluded", summary["deleaked"]["n_excluded"])
+            log.info("compare: audit.test_leaks=exclude: %d of %d test rows have a copy in train; without them "
+                     "balanced accuracy delta %s (compare/recall_deltas_deleaked.csv)", int((~keep).sum()),
+                     len(keep), f"{summary['deleaked']['balanced_accuracy']['delta']:+.4f}" if keep.any() else "n/a")
         if cc.get("flag_runs"):
             refs = list(cc.flag_runs)
             if len(refs) != 2:

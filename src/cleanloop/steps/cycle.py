@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cleanloop.config import file_hash
 from cleanloop.io import write_json
-from cleanloop.steps import compare, flag, oof, prune, review, train
+from cleanloop.steps import audit, compare, flag, oof, prune, review, train
 from cleanloop.steps.common import input_manifest_path, load_input, out_path
 from cleanloop.tracking import (
     NOTE_TAG,
@@ -73,6 +73,8 @@ def run(cfg: DictConfig) -> dict:
     tags = {"cleanloop.step": "cycle", "cleanloop.data": file_hash(m.source), **parent_run_tags()}
     with mlflow.start_run(run_name="cycle", tags=tags) as parent:
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        if cfg.audit.get("enabled", True):  # first: oof's folds keep copies together (audit.merge_groups)
+            step("audit", lambda: audit.run(cfg))
         step("oof", lambda: oof.run(cfg))
         flag_info = step("flag", lambda: flag.run(cfg))
         step("review", lambda: _review(cfg))
@@ -100,6 +102,9 @@ def run(cfg: DictConfig) -> dict:
         flag_dir = out_path(cfg, "flag")
         summary = {
             "data": {"manifest": str(manifest_path), "n_train": int(len(m.train)), "classes": m.classes},
+            **({"audit": {k: results["audit"][k] for k in ("n_pairs", "pairs_exact", "leaks/train_test",
+                                                            "leaks/train_val", "conflicting_label_clusters")
+                          if k in results["audit"]}} if "audit" in results else {}),
             "flag": {k: flag_info[k] for k in ("n_rows", "n_issues", "issue_rate", "n_outliers")}
             | ({"ground_truth": flag_info["ground_truth"]} if "ground_truth" in flag_info else {}),
             "prune": {"n_train_before": prune_info["n_train"],
@@ -112,6 +117,7 @@ def run(cfg: DictConfig) -> dict:
             "seeds": seeds, "n_test": cmp["n_test"], "confidence": cmp["confidence"],
             "recall": recall,
             "paths": {
+                **({"duplicates": str(out_path(cfg, "audit", "duplicates.csv"))} if "audit" in results else {}),
                 "oof_probs": str(out_path(cfg, "oof", "oof_probs.parquet")),
                 "label_issues": str(flag_dir / "label_issues.csv"),
                 "montage": str(flag_dir / "mislabel_candidates.png"),
@@ -199,6 +205,12 @@ def format_summary(s: dict) -> str:
     f, d = s["flag"], s["delta"]
     lines = [f"cleanloop cycle: {s['data']['n_train']} train rows, {len(s['data']['classes'])} classes "
              f"({s['seconds']['total']:.0f}s)"]
+    if "audit" in s:
+        a = s["audit"]
+        leaks = int(a.get("leaks/train_test", 0)) + int(a.get("leaks/train_val", 0))
+        lines.append(f"  audit     {a.get('n_pairs', 0)} duplicate pairs ({int(a.get('pairs_exact', 0))} exact), "
+                     f"{leaks} train<->test/val leaks, {int(a.get('conflicting_label_clusters', 0))} conflicting-label "
+                     f"clusters -> {s['paths']['duplicates']}")
     flagged = f"  flagged   {f['n_issues']} label issues ({100 * f['issue_rate']:.1f}%) + {f['n_outliers']} outliers"
     if "ground_truth" in f:
         gt = f["ground_truth"]

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from cleanloop.config import file_hash, short_hash
+from cleanloop.config import file_hash, recipe_hash, short_hash
 from cleanloop.errors import CleanloopError
 from cleanloop.folds import n_partly_blank
 from cleanloop.oof_file import EMBEDDING_IDS, EMBEDDINGS
 from cleanloop.steps.common import entry_key, find_entry, load_input, out_path, step_cache
-from cleanloop.training import recipe_hash
 
 
 def missing_group(cfg: DictConfig) -> str:
@@ -30,11 +30,49 @@ def own_groups(cfg: DictConfig, m) -> bool:
 
 def oof_entry_key(cfg: DictConfig, m) -> tuple[str, dict]:
     """The OOF cache entry's key for the input manifest ``m`` and its lineage record."""
-    parts = oof_parts(cfg, file_hash(m.source), m.classes, own_groups=own_groups(cfg, m))
+    parts = oof_parts(cfg, file_hash(m.source), m.classes, own_groups=own_groups(cfg, m),
+                      merged_groups=merged_groups(cfg, m))
     return entry_key(cfg, "oof", parts, m)
 
 
-def oof_parts(cfg: DictConfig, manifest_hash: str, classes: list[str], *, own_groups: bool = False) -> dict:
+def audit_parts(cfg: DictConfig, m) -> dict:
+    """The audit's part of the key: the manifest and the options that change its pairs."""
+    return {"data": file_hash(m.source),
+            "audit": {k: cfg.audit[k] for k in ("phash_max_distance", "min_pixel_ncc")}}
+
+
+def audit_output(cfg: DictConfig, m, name: str) -> Path:
+    """An audit file of this config: its cache entry, else ``audit/`` in ``paths.out_dir``."""
+    entry = find_entry(cfg, "audit", audit_parts(cfg, m), m)
+    return entry.dir / name if entry else out_path(cfg, "audit", name)
+
+
+def audit_fold_groups(cfg: DictConfig, m) -> Path | None:
+    """The audit's merged fold groups for ``oof`` (``audit.merge_groups``), when the audit has run."""
+    if cfg.get("audit") is None or not cfg.audit.get("enabled", True) or not cfg.audit.get("merge_groups", False):
+        return None
+    entry = find_entry(cfg, "audit", audit_parts(cfg, m), m)  # never a published file of other inputs
+    return entry.dir / "fold_groups.csv" if entry and (entry.dir / "fold_groups.csv").is_file() else None
+
+
+def merged_groups(cfg: DictConfig, m) -> Path | None:
+    """The audit's fold groups when ``oof`` makes folds with them: they join groups the manifest keeps apart."""
+    if cfg.oof.method == "insample":
+        return None
+    path = audit_fold_groups(cfg, m)
+    if path is None:
+        return None
+    from cleanloop.folds import fold_groups, same_partition
+
+    merged = pd.read_csv(path, dtype=str, keep_default_na=False).set_index("image_uuid")["group"]
+    train = m.train
+    plan = fold_groups(train["group"] if "group" in train.columns else None, missing_group=missing_group(cfg))
+    own = plan.groups if plan.groups is not None else train["image_uuid"].to_numpy()
+    return None if same_partition(own, merged.reindex(train["image_uuid"]).to_numpy()) else path
+
+
+def oof_parts(cfg: DictConfig, manifest_hash: str, classes: list[str], *, own_groups: bool = False,
+              merged_groups: Path | None = None) -> dict:
     """Everything of the step that changes the OOF probabilities: data, classes, model, recipe, folds.
 
     ``own_groups``: blank ``group`` cells were made their own groups (data.missing_group=own); only
@@ -48,14 +86,17 @@ def oof_parts(cfg: DictConfig, manifest_hash: str, classes: list[str], *, own_gr
              "checkpoint": checkpoint_identity(cfg.oof.get("checkpoint"))}
     if own_groups and not insample:
         parts["missing_group"] = "own"
+    if merged_groups is not None and not insample:  # only then: keys of folds the audit left alone stay
+        parts["merged_groups"] = file_hash(merged_groups)
     if cfg.oof.method == "kfold" and int(cfg.oof.get("repeats", 1)) > 1:  # only then: older keys stay valid
         parts["repeats"] = int(cfg.oof.repeats)
     return parts
 
 
-def oof_key(cfg: DictConfig, manifest_hash: str, classes: list[str], *, own_groups: bool = False) -> str:
+def oof_key(cfg: DictConfig, manifest_hash: str, classes: list[str], *, own_groups: bool = False,
+            merged_groups: Path | None = None) -> str:
     """A hash of :func:`oof_parts` (the step's own part of the entry key)."""
-    return short_hash(oof_parts(cfg, manifest_hash, classes, own_groups=own_groups))
+    return short_hash(oof_parts(cfg, manifest_hash, classes, own_groups=own_groups, merged_groups=merged_groups))
 
 
 def checkpoint_identity(checkpoint) -> str | None:

@@ -30,7 +30,9 @@ from cleanloop.model import Classifier, backbone_from_config
 from cleanloop.oof_file import EMBEDDING_FILES, oof_frame, read_meta, write_embeddings, write_oof
 from cleanloop.steps.common import cached, entry_key, load_input, out_path
 from cleanloop.steps.locate import (  # noqa: F401
+    audit_fold_groups,
     checkpoint_identity,
+    merged_groups,
     missing_group,
     oof_entry_key,
     oof_key,
@@ -61,9 +63,20 @@ def _heldout_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str]) 
     return {"top1": m["top1"], "balanced_accuracy": m["balanced_accuracy"]}
 
 
-def _fold_groups(cfg: DictConfig, train: pd.DataFrame) -> FoldGroups:
-    """What the folds group by (CONTRACT §2 ``group``); blank rows made their own groups are a warning."""
+def _fold_groups(cfg: DictConfig, train: pd.DataFrame, merged: Path | None = None) -> FoldGroups:
+    """What the folds group by (CONTRACT §2 ``group``); blank rows made their own groups are a warning.
+
+    ``merged``: the audit's ``fold_groups.csv`` (:func:`cleanloop.steps.locate.merged_groups`), where
+    copies of one image sit under different groups: the folds keep each such set together.
+    """
     plan = fold_groups(train["group"] if "group" in train.columns else None, missing_group=missing_group(cfg))
+    if merged is not None:
+        by_uuid = pd.read_csv(merged, dtype=str, keep_default_na=False).set_index("image_uuid")["group"]
+        groups = by_uuid.reindex(train["image_uuid"]).to_numpy(dtype=object)
+        before = len(set(plan.groups)) if plan.groups is not None else len(train)
+        plan = FoldGroups(groups, n_own=plan.n_own, n_joined=before - len(set(groups)))
+        log.info("oof: audit.merge_groups: %d group(s) joined to others because their images are copies "
+                 "(audit/duplicates.csv)", plan.n_joined)
     if plan.n_own:
         log.warning("oof: data.missing_group=own: %d of %d train rows have a blank group; each is its own group, so "
                     "those rows may share folds with other images of their patient", plan.n_own, len(train))
@@ -209,9 +222,13 @@ def run(cfg: DictConfig) -> dict:
     train, classes = m.train.reset_index(drop=True), m.classes
     labels = m.label_indices(train)
     manifest_hash = file_hash(m.source)
-    plan = _fold_groups(cfg, train) if makes_folds else None
+    merged = merged_groups(cfg, m) if makes_folds else None
+    if makes_folds and audit_fold_groups(cfg, m) is None and cfg.audit.get("enabled") and cfg.audit.get("merge_groups"):
+        log.warning("oof: audit.merge_groups is on but this manifest has no audit yet: folds keep the group column's "
+                    "groups only; run `cleanloop audit` first (cycle does) or set audit.merge_groups=false")
+    plan = _fold_groups(cfg, train, merged) if makes_folds else None
     folds_made = plan.description if plan is not None else "none (in-sample)"
-    parts = oof_parts(cfg, manifest_hash, classes, own_groups=bool(plan and plan.n_own))
+    parts = oof_parts(cfg, manifest_hash, classes, own_groups=bool(plan and plan.n_own), merged_groups=merged)
     key, lineage = entry_key(cfg, "oof", parts, m)
     tags = {"cleanloop.oof": method, "cleanloop.data": manifest_hash, "cleanloop.recipe": recipe_hash(cfg),
             "cleanloop.oof_key": key, "cleanloop.in_sample": str(method == "insample").lower(),
