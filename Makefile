@@ -79,7 +79,7 @@ ui: $(STAMP) ## MLflow UI on the project's store at 127.0.0.1:$(UI_PORT)
 	@$(BIN)/python -m cleanloop.tracking --uri "$(STORE)" --port $(UI_PORT)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri "$(STORE)" --host 127.0.0.1 --port $(UI_PORT)
 
-bench: $(STAMP) ## benchmarks B1-B5, B8 (B6 where CUDA is); rewrites bench/RESULTS.md. ARGS="--parts b1,b4" for some
+bench: $(STAMP) ## benchmarks B1-B5, B9 (B6 where CUDA is; B7, B8 with --parts); rewrites bench/RESULTS.md. ARGS="--parts b1,b4" for some
 	$(BIN)/python bench/run.py $(ARGS)
 
 bench-efficacy: $(STAMP) ## B7: cleanloop vs a cleanlab+LogisticRegression peer on noisy digits (~15 min); ARGS="--quick" for a smoke run

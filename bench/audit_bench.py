@@ -15,6 +15,10 @@ time, peak memory, recall of the planted pairs, decoys linked.
     python bench/audit_bench.py [--quick] [--part all|demo|scale] [--n 121514] [--d 1152]
                                 [--data DIR] [--out JSON]
 
+The recorded run (bench/results/b8-audit.json and .log) was
+``OPENBLAS_NUM_THREADS=1 nice -n 19 python bench/audit_bench.py`` on the project's 2-core machine
+while other benchmarks ran: one BLAS thread was faster there than two, and kept the run to one core.
+
 Prints the markdown section, then one JSON line; writes the JSON to ``--out`` (default
 bench/results/b8-audit.json, or b8-audit-quick.json with --quick). ``--data DIR`` keeps the
 injected dataset there (manifest.csv with relative paths, images/, ground_truth.csv updated for
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import shutil
@@ -454,6 +459,12 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _blas_threads() -> str:
+    from threadpoolctl import threadpool_info
+
+    return ",".join(str(p["num_threads"]) for p in threadpool_info() if p.get("user_api") == "blas") or "?"
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke test: a few hundred rows, a small embedding set")
@@ -474,7 +485,8 @@ def main(argv: list[str] | None = None) -> dict:
         commit = "unknown"
     result = {
         "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit, "quick": a.quick,
-        "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, BLAS threads {_blas_threads()}, "
+                   f"load average {os.getloadavg()[0]:.1f} at the start",
         "argv": sys.argv[1:] if argv is None else argv,
     }
     if a.part in ("all", "demo"):

@@ -1,4 +1,4 @@
-"""``make bench``: measure B1-B5 and B8 (B6 on a GPU machine), print them, rewrite bench/RESULTS.md.
+"""``make bench``: measure B1-B5 and B9 (B6 on a GPU machine), print them, rewrite bench/RESULTS.md.
 
 B1: 121,514 rows x 25 classes in memory, the size of the team's dataset. B2: ImageNet's
 1,281,167 x 1,000 float32, memory-mapped from a temporary .npy (5 GB on disk, deleted after),
@@ -8,7 +8,7 @@ bare...) so that load from other work on the machine hits them alike.
 
 B3 (bench/b3.py): the OOF prediction path against the bare model forward, with and without the
 image cache. B4 (bench/b4.py): oof=embed against oof=kfold on the demo. B5: `cleanloop cycle`
-(what `make cycle` runs) on the demo in a fresh folder. B8 (bench/b8.py): one demo training under
+(what `make cycle` runs) on the demo in a fresh folder. B9 (bench/b9.py): one demo training under
 the CPU speed options of model=cnn (channels_last, the multi-tensor AdamW), each off. B6 (bench/gpu.py) runs only where CUDA
 is; elsewhere the section shows the last recorded GPU run (bench/results/b6-*.json).
 B7 (bench/efficacy.py, ``make bench-efficacy``): cleanloop against a CleanLearning-style peer on
@@ -46,8 +46,8 @@ B2_SHAPE = (1_281_167, 1_000)
 B2_REFERENCE_ROWS = 128_117  # the in-memory path at a tenth of B2's rows, for its bytes per cell
 TARGETS = {"b1_wall_s": 2.0, "b1_peak_mib": 1024, "b1_ratio": 3.0, "b2_wall_s": 300.0, "b2_peak_mib": 16 * 1024,
            "b3_ratio": 0.9, "b4_ratio": 0.2}
-PARTS = ("b1", "b2", "b3", "b4", "b5", "b8")  # what `make bench` runs by default
-OPT_IN = ("b7",)  # run only when named in --parts (make bench-efficacy)
+PARTS = ("b1", "b2", "b3", "b4", "b5", "b9")  # what `make bench` runs by default
+OPT_IN = ("b7", "b8")  # run only when named in --parts (b7: make bench-efficacy; b8: the audit bench)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +199,10 @@ def b5(repeats: int) -> dict:
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="cleanloop-b5-") as tmp:
             t0 = time.perf_counter()
-            proc = subprocess.run([str(exe), "cycle", f"paths.root_dir={tmp}"], cwd=tmp, capture_output=True, text=True)
+            # a fresh user cache too: no MLflow store template yet, as on a new machine (store_template)
+            env = {**os.environ, "XDG_CACHE_HOME": str(Path(tmp) / "xdg-cache")}
+            proc = subprocess.run([str(exe), "cycle", f"paths.root_dir={tmp}"], cwd=tmp, capture_output=True, text=True,
+                                  env=env)
             walls.append(time.perf_counter() - t0)
             if proc.returncode != 0:
                 raise RuntimeError(f"cleanloop cycle failed:\n{proc.stderr[-3000:]}")
@@ -413,7 +416,8 @@ def b5_section(r: dict, m: dict) -> str:
         "",
         f"Measured {m['date']} at commit {m['commit']}.",
         "`cleanloop cycle` (what `make cycle` runs once the venv exists) in a fresh temporary folder: builds the demo,",
-        "the MLflow store, the folds, flags, review page, prune, both trainings and the comparison; nothing cached.",
+        "the MLflow store (and its per-version template, in a fresh `XDG_CACHE_HOME`), the audit, the folds, flags,",
+        "review page, prune, both trainings and the comparison; nothing cached.",
         "",
         "| runs | wall s (min / median) | inside the cycle (its own timer) |",
         "|---:|---:|---:|",
@@ -424,11 +428,20 @@ def b5_section(r: dict, m: dict) -> str:
     ])
 
 
-def b8_section(r: dict, m: dict) -> str:
+def b8_section() -> str:
+    """bench/audit_bench.py in a fresh process (one BLAS thread, as measured); its printed section."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(HERE / "audit_bench.py")], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"audit_bench.py failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout[proc.stdout.index("## B8:"):].rstrip()
+
+
+def b9_section(r: dict, m: dict) -> str:
     rows = r["rows"]
     base = rows["both off"]["median_s"]
     lines = [
-        "## B8: one demo training under the CPU speed options (bench/b8.py)",
+        "## B9: one demo training under the CPU speed options (bench/b9.py)",
         "",
         f"Measured {m['date']} at commit {m['commit']}.",
         f"`training.fit_predict` of the demo baseline (model=cnn, {next(iter(rows.values()))['n_train']} train rows, the",
@@ -540,7 +553,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--b3-repeats", type=int, default=3)
     p.add_argument("--b4-repeats", type=int, default=2)
     p.add_argument("--b5-repeats", type=int, default=1)
-    p.add_argument("--b8-repeats", type=int, default=2)
+    p.add_argument("--b9-repeats", type=int, default=2)
     p.add_argument("--tmp-dir", type=Path, default=Path(tempfile.gettempdir()), help="where B2 writes its 5 GB")
     p.add_argument("--b7-args", default="", help='arguments for bench/efficacy.py, e.g. "--quick" or '
                                                  '"--cleanloop \'recipe.epochs=10\'"')
@@ -570,9 +583,12 @@ def main(argv: list[str] | None = None) -> None:
     if "b5" in parts:
         print(f"B5: cleanloop cycle on the demo, {a.b5_repeats} run(s)", flush=True)
         sections["b5"] = b5_section(b5(a.b5_repeats), m)
+    if "b9" in parts:
+        print(f"B9: one demo training under the CPU speed options, {a.b9_repeats} repeats", flush=True)
+        sections["b9"] = b9_section(script_json("b9.py", "--repeats", str(a.b9_repeats)), m)
     if "b8" in parts:
-        print(f"B8: one demo training under the CPU speed options, {a.b8_repeats} repeats", flush=True)
-        sections["b8"] = b8_section(script_json("b8.py", "--repeats", str(a.b8_repeats)), m)
+        print("B8: the leakage audit (bench/audit_bench.py)", flush=True)
+        sections["b8"] = b8_section()
     if "b7" in parts:
         print("B7: efficacy, cleanloop against a CleanLearning-style peer (bench/efficacy.py)", flush=True)
         sections["b7"] = b7_section(shlex.split(a.b7_args))

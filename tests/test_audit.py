@@ -243,8 +243,8 @@ def test_hash_near_pairs_rejects_bad_input():
         audit.hash_near_pairs(np.zeros(3, np.uint64), max_distance=40)
     with pytest.raises(CleanloopError, match="shape"):
         audit.hash_near_pairs(np.zeros((3, 2), np.uint64), max_distance=4)
-    empty = audit.hash_near_pairs(np.zeros(0, np.uint64), max_distance=4)
-    assert all(len(a) == 0 for a in empty)
+    for n in (0, 1):  # with no rows every block count costs nothing: no 64-bit block of 2**40 flips
+        assert all(len(a) == 0 for a in audit.hash_near_pairs(np.zeros(n, np.uint64), max_distance=16))
 
 
 def test_hash_near_pairs_at_full_dataset_size():
@@ -475,13 +475,15 @@ def test_pixel_similarity_confirms_copies_of_photos_and_text(tmp_path):
     print("\nphotos and text, lowest pixel score:",
           {k: (round(float(score[(kind == k) & ~text].min()), 4), round(float(score[(kind == k) & text].min()), 4))
            for k in dict.fromkeys(kind)})
+    print("crops confirmed, boxes rendered again / sampled from the thumbnail:",
+          np.mean(score[crop] >= audit.PIXEL_MIN_NCC), np.mean(thumbs_only[crop] >= audit.PIXEL_MIN_NCC))
     assert (score[~crop] >= 0.999).all()
-    assert score[crop & ~text].min() >= 0.995  # 0.9958: one 2% crop of 12; the others >= 0.9986
-    assert score[crop & text].min() >= 0.994  # 8% crops of text 0.9945-0.9966, others >= 0.997
-    assert np.mean(score[crop] >= audit.PIXEL_MIN_NCC) >= 0.9
+    assert score[crop & ~text].min() >= 0.996  # 0.9961; 2-8% crops of photographs
+    assert score[crop & text].min() >= 0.995  # 0.9952: 8% crops of text pages; 2-5% >= 0.9976
     # A box sampled from a thumbnail is blurred by the interpolation: rendering it again from the
     # file is what lifts a crop to a resized copy's score.
-    assert np.median(thumbs_only[crop]) < 0.99 < np.median(score[crop])
+    assert np.mean(score[crop] >= audit.PIXEL_MIN_NCC) >= 0.95
+    assert np.mean(thumbs_only[crop] >= audit.PIXEL_MIN_NCC) <= 0.5
     # distinct originals are far below
     ii, jj = np.triu_indices(len(originals), 1)
     firsts = np.array(sorted({p[2] for p in pairs}))
@@ -597,7 +599,7 @@ def _find_fixture(tmp_path):
 def test_find_duplicates_confirms_near_pairs_at_pixel_level(tmp_path):
     manifest = _find_fixture(tmp_path)
     hashes = audit.perceptual_hashes(manifest["path"])
-    lookalike = int(audit.popcount64(hashes[4] ^ hashes[5]))
+    lookalike = int(audit.popcount64(hashes[4:5] ^ hashes[5:6])[0])
     assert 0 < lookalike <= audit.CANDIDATE_PHASH_MAX_DISTANCE  # a candidate, which the pixels must reject
 
     pairs = audit.find_duplicates(manifest, workers=2)

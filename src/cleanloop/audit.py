@@ -1,5 +1,9 @@
 """The leakage audit's maths: find exact and near duplicate images and say what they leak.
 
+:func:`find_duplicates` is the audit's entry point: exact pairs by content hash, near-pair
+candidates by perceptual hash (and embeddings), near pairs confirmed at pixel level
+(:func:`thumbnails`, :func:`pixel_similarity`), as one table. The rest are its parts.
+
 Three ways to link two rows of a manifest:
 
 * ``sha256`` - the files' bytes are identical (:func:`content_hashes`);
@@ -7,15 +11,21 @@ Three ways to link two rows of a manifest:
   differ in at most ``max_distance`` of 64 bits (:func:`hash_near_pairs`): resized and
   re-compressed copies;
 * ``embedding`` - their backbone embeddings are among each other's k nearest neighbours with a
-  cosine similarity of at least ``min_cosine`` (:func:`embedding_near_pairs`): crops and edits
-  that move the perceptual hash too far.
+  cosine similarity of at least ``min_cosine`` (:func:`embedding_near_pairs`, an exact search in
+  a projection): crops and edits that move the perceptual hash too far.
+
+A perceptual hash alone links distinct look-alike images (on the demo's digits, 1,449 pairs within 8
+bits, 415 across labels), so :func:`find_duplicates` reports a phash pair only once the pixels
+confirm it: each thumbnail is registered onto the other (a scale and shift per axis, for light
+crops) and their normalised cross-correlation must reach ``PIXEL_MIN_NCC``.
 
 :func:`duplicate_pairs` turns the links into one table of pairs; :func:`leakage_per_class`,
 :func:`conflicting_label_rows` and :func:`summary_metrics` say what they mean for the splits and
 labels; :func:`merge_groups` gives fold groups that keep linked rows together.
 
-Everything here is a pure function (arrays and DataFrames in and out), except the two hash
-functions, which read the image files. N is the number of rows. A manifest is a DataFrame with
+Everything here is a pure function (arrays and DataFrames in and out), except the functions that
+read the image files (the two hash functions, :func:`thumbnails`, :func:`pixel_similarity` given
+paths, :func:`find_duplicates`). N is the number of rows. A manifest is a DataFrame with
 columns ``image_uuid``, ``path`` (absolute), ``label``, ``split`` (train/val/test) and optionally
 ``group`` (e.g. patient id; blank or absent means unknown). Problems the user can fix raise
 :class:`~cleanloop.errors.CleanloopError` with one line saying what is wrong.
@@ -68,7 +78,9 @@ EMBEDDING_K = 10
 EMBEDDING_BLOCK_CELLS = 2**25
 # embedding_near_pairs searches in a principal-axes projection of d of these dimensions (or in full
 # dimension), fitted on a seeded sample of this many rows; below _PROJECTION_MIN_ROWS rows the full
-# product is cheap (8,192^2 / 2 pairs x 1,152 multiply-adds: about 1 s), so it is used unless asked.
+# product is cheap (8,192^2 / 2 pairs x 1,152 multiply-adds: about 2-4 s), so it is used unless asked.
+# On 121,514 random 1,152-d rows at cosine 0.95 the choice is 96 dimensions: 55-64 s instead of about
+# 350 s for the full product, the same pairs (bench/audit_bench.py --part scale, one BLAS thread).
 _PROJECTION_DIMS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 _PROJECTION_SAMPLE = 4096
 _PROJECTION_SEED = 0
@@ -81,8 +93,8 @@ _COST_MADD, _COST_CELL, _COST_VERIFY = 1.0, 8.0, 30.0
 # Slack on the projected test (half squared distance), far above float32 rounding (about 1e-6 for
 # unit rows) so no pair within the radius is lost, far below the radius (0.05 at cosine 0.95).
 _PROJECTION_SLACK = 1e-4
-# A block whose projected candidates exceed its cells / this is computed in full dimension: at
-# about 25 elements gathered per multiply-add, verifying that many costs as much as the product.
+# A block whose projected candidates exceed its cells / this is computed in full dimension: with an
+# element verified costing about 30 multiply-adds, verifying that many costs as much as the product.
 _DENSE_CANDIDATES = 64
 
 # hash_near_pairs: block values up to this many bits are looked up in a dense table (2**22 int64
@@ -103,20 +115,24 @@ PIXEL_MIN_SCALE = 0.8  # the registration finds crops of up to 10% of each side
 # among 18,239 candidate pairs of distinct images (phash distance <= 14):
 #   injected copies score >= 0.9987 (resized; JPEG >= 0.9994, crops 0.99999 once re-rendered);
 #   distinct digits <= 0.9941, but for one pair of near-identical originals (8x8 ink L2 5.3): 0.9976;
-#   false pairs reported at phash distance <= 12 and NCC >= 0.990 / 0.993 / 0.995 to 0.998: 9 / 1 / 0.
+#   false pairs reported at phash distance <= 12 and NCC >= 0.990 / 0.993 / 0.995 to 0.998: 12 / 2 / 0.
 # 0.996 sits between copies and distinct digits, nearer the latter, because crops of other images
-# score lower: 2-8% a side off photographs (scikit-learn's sample images) 0.9958-0.9998, off text
-# pages 0.9945-0.9988 (tests/test_audit.py::test_pixel_similarity_confirms_copies_of_photos_and_text).
+# score lower: 2-8% a side off photographs (patches of scikit-learn's sample images) 0.9961-0.9998,
+# off text pages 0.9976-0.9988 (8%: 0.9952) (tests/test_audit.py::
+# test_pixel_similarity_confirms_copies_of_photos_and_text); distinct photographs stay below 0.95.
 PIXEL_MIN_NCC = 0.996
 # Perceptual-hash distance of a candidate pair. Resized and JPEG copies stay within 2 bits; crops of
 # 2-5% a side reach 10 on the demo's 32-px digits (the bench's largest), 4% crops of 64-px digits 12
 # for 99.5% of them (tests/test_audit.py::test_default_phash_distance_measured_on_digits). The pixel
-# check keeps the precision, so 12: 9,171 candidates on the demo (about 1 ms each to confirm), none
-# false once confirmed; 10 halves them but leaves no margin for the bench's crops.
+# check keeps the precision, so 12: about 9,150 candidates on the demo (about 1.2 ms each to confirm on
+# this project's 2-core machine), none false once confirmed; 10 halves them but leaves no margin for
+# the bench's crops.
 CANDIDATE_PHASH_MAX_DISTANCE = 12
 # Gauss-Newton registration: (blur sigma in thumbnail pixels, steps) per stage; the blurred stage
 # widens the basin (a 5% crop moves edge pixels by 1.6 px at 32 px), the sharp one refines.
-_REGISTRATION = ((1.0, 3), (0.0, 3))
+_REGISTRATION = ((1.0, 3), (0.0, 5))
+# Centred start boxes, as fractions of the largest crop (1 - min_scale): 0.8 -> sides 0.97, 0.9, 0.83.
+_REGISTRATION_STARTS = (0.15, 0.5, 0.85)
 _PAIRS_PER_CHUNK = 1024  # pairs registered at once: about 40 float32 (2 x 1,024, 32, 32) arrays live
 # pixel_similarity renders a box again from its file when the thumbnails score it this or more
 _RERENDER_GATE = 0.9
@@ -343,6 +359,9 @@ def hash_near_pairs(hashes, *, max_distance: int) -> tuple[np.ndarray, np.ndarra
     if not 0 <= int(max_distance) <= PHASH_BITS // 2:
         raise CleanloopError(f"max_distance={max_distance}: choose 0..{PHASH_BITS // 2} bits of {PHASH_BITS}")
     h = _as_hashes(hashes)
+    if len(h) < 2:  # (and with no rows every block count costs 0, so one 64-bit block would be chosen)
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy(), empty.copy()
     return _hash_near_pairs(h, int(max_distance), _choose_blocks(len(h), int(max_distance)))
 
 
@@ -508,7 +527,7 @@ def embedding_near_pairs(embeddings, *, min_cosine: float, k: int = EMBEDDING_K,
     of D), and each candidate is verified by its full-dimension cosine: the result is the same as
     the full product's. A block with too many candidates (the projection rules out little there)
     is computed in full dimension instead. See :func:`_projection` for how d is chosen; on
-    121,514 random 1,152-d rows at min_cosine 0.95 it picks 128 (bench/audit_bench.py --scale).
+    121,514 random 1,152-d rows at min_cosine 0.95 it picks 96 (bench/audit_bench.py --part scale).
 
     Parameters
     ----------
@@ -703,6 +722,17 @@ def _warped(img: np.ndarray, warp: np.ndarray) -> np.ndarray:
     return weights(warp[:, 2], warp[:, 3]).transpose(0, 2, 1) @ img @ weights(warp[:, 0], warp[:, 1])
 
 
+def _composed(warp: np.ndarray, step: np.ndarray, min_scale: float) -> np.ndarray:
+    """``warp`` composed with the inverse of the step's warp u -> (1 + ds) u + dt, the box kept in the frame."""
+    out = warp.copy()
+    for s, t in ((0, 1), (2, 3)):
+        grow = 1.0 + step[:, s]
+        out[:, t] = warp[:, t] - warp[:, s] * step[:, t] / grow
+        out[:, s] = np.clip(warp[:, s] / grow, min_scale, 1.0)
+        out[:, t] = np.clip(out[:, t], 0.0, 1.0 - out[:, s])
+    return out
+
+
 def _registered_ncc(a: np.ndarray, b: np.ndarray, min_scale: float) -> tuple[np.ndarray, np.ndarray]:
     """NCC of each template ``a`` with the box of ``b`` that best matches it, and the box (P, 4).
 
@@ -711,11 +741,17 @@ def _registered_ncc(a: np.ndarray, b: np.ndarray, min_scale: float) -> tuple[np.
     p, side, _ = a.shape
     za = _normalised(a)
     identity = np.einsum("pij,pij->p", za, _normalised(b))
-    # Start from the middle box (half of the largest crop off each side): a crop of 0 to the
-    # largest is then at most half as far as from the whole frame, and whole-frame copies
-    # (resized, re-compressed) are scored at the whole frame anyway.
-    mid = (1.0 + min_scale) / 2.0
-    warp = np.tile(np.array([mid, (1.0 - mid) / 2.0, mid, (1.0 - mid) / 2.0], dtype=np.float32), (p, 1))
+    # Start from the best of a few centred boxes, compared blurred (Gauss-Newton from one start
+    # can stop at the frame's edge when the content sits at an edge); whole-frame copies (resized,
+    # re-compressed) are scored at the whole frame anyway.
+    template, image = _normalised(_blurred(a, _REGISTRATION[0][0])), _blurred(b, _REGISTRATION[0][0])
+    best = np.full(p, -np.inf, dtype=np.float32)
+    warp = np.zeros((p, 4), dtype=np.float32)
+    for scale in (1.0 - (1.0 - min_scale) * f for f in _REGISTRATION_STARTS):
+        box = np.tile(np.array([scale, (1.0 - scale) / 2.0] * 2, dtype=np.float32), (p, 1))
+        fit = np.einsum("pij,pij->p", template, _normalised(_warped(image, box)))
+        better = fit > best
+        best[better], warp[better] = fit[better], box[better]
     u = (np.arange(side, dtype=np.float32) + 0.5) / side
     for sigma, steps in _REGISTRATION:
         template, image = _normalised(_blurred(a, sigma)), _blurred(b, sigma)
@@ -726,16 +762,21 @@ def _registered_ncc(a: np.ndarray, b: np.ndarray, min_scale: float) -> tuple[np.
         hessian = jac @ jac.transpose(0, 2, 1)
         hessian += np.eye(4, dtype=np.float32) * (1e-6 * np.trace(hessian, axis1=1, axis2=2)[:, None, None] + 1e-12)
         inverse = np.linalg.inv(hessian)
+        warped = _normalised(_warped(image, warp))
+        fit = np.einsum("pij,pij->p", template, warped)
+        damping = np.ones((p, 1), dtype=np.float32)
         for _ in range(steps):
-            error = (_normalised(_warped(image, warp)) - template).reshape(p, -1)
-            step = np.einsum("pkl,pl->pk", inverse, np.einsum("pkn,pn->pk", jac, error))
+            error = (warped - template).reshape(p, -1)
+            step = np.einsum("pkl,pl->pk", inverse, np.einsum("pkn,pn->pk", jac, error)) * damping
             step = np.clip(step, -0.25, 0.25)  # a Gauss-Newton step far from the optimum can overshoot
-            for s, t in ((0, 1), (2, 3)):
-                # compose with the inverse of the step's warp u -> (1 + ds) u + dt
-                grow = 1.0 + step[:, s]
-                warp[:, t] = warp[:, t] - warp[:, s] * step[:, t] / grow
-                warp[:, s] = np.clip(warp[:, s] / grow, min_scale, 1.0)
-                warp[:, t] = np.clip(warp[:, t], 0.0, 1.0 - warp[:, s])  # the box stays in the frame
+            trial = _composed(warp, step, min_scale)
+            trial_warped = _normalised(_warped(image, trial))
+            trial_fit = np.einsum("pij,pij->p", template, trial_warped)
+            # Keep a step only where it raises the NCC, else halve it: the linearisation ignores
+            # the normalisation and content leaving the frame, and can point the wrong way.
+            better = trial_fit > fit
+            warp[better], warped[better], fit[better] = trial[better], trial_warped[better], trial_fit[better]
+            damping = np.where(better[:, None], np.minimum(damping * 2.0, 1.0), damping * 0.5)
     registered = np.einsum("pij,pij->p", za, _normalised(_warped(b, warp)))
     return np.maximum(identity, registered), warp
 

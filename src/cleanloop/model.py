@@ -175,7 +175,7 @@ class Classifier(L.LightningModule):
         self.lr, self.head_lr, self.warmup_fraction = lr, head_lr, warmup_fraction
         self.augment = dict(augment or {})
         # NHWC activations and weights (``model.channels_last``): convolutions run faster that way on
-        # CPU and on GPU tensor cores (bench B8); the arithmetic is the same up to summation order.
+        # CPU and on GPU tensor cores (bench B9); the arithmetic is the same up to summation order.
         self.channels_last = bool(channels_last)
         self._epoch_sums: torch.Tensor | None = None
         if self.channels_last:
@@ -252,7 +252,7 @@ class Classifier(L.LightningModule):
             kwargs["fused"] = True  # one kernel per step for all parameters (AdamW, Adam, SGD on CUDA)
         elif self.device.type == "cpu" and _takes(self.optimizer_factory, "foreach"):
             # PyTorch's CPU default is one loop per tensor; the multi-tensor path does the same arithmetic
-            # in fewer calls (B8 times both: within its noise on the demo)
+            # in fewer calls (B9 times both: within its noise on the demo)
             kwargs["foreach"] = True
         optimizer = self.optimizer_factory(groups, **kwargs)
         if self.scheduler_factory is None:

@@ -1,4 +1,4 @@
-"""B8: one demo training (fit + test prediction) under the CPU speed options of ``model=cnn``.
+"""B9: one demo training (fit + test prediction) under the CPU speed options of ``model=cnn``.
 
 Variants: the default (``model.channels_last=true``; AdamW's multi-tensor ``foreach`` path, which
 cleanloop asks for on CPU when the recipe leaves it unset), each option off, and both off. The
