@@ -126,6 +126,8 @@ def test_cycle_on_demo_end_to_end(demo_cycle, demo_dir):
     tmp_path, r, _ = demo_cycle
     assert r.returncode == 0, r.stderr[-3000:]
     assert "balanced accuracy" in r.stdout and "recall moved most" in r.stdout and "mislabel_candidates.png" in r.stdout
+    # the audit ran first: at the B8 defaults the demo's digits hold one natural look-alike pair, no leak
+    assert "  audit     1 duplicate pairs (0 exact), 0 train<->test/val leaks" in r.stdout
     summary = json.loads((tmp_path / "outputs" / "demo" / "summary.json").read_text())
     gt = summary["flag"]["ground_truth"]
     assert gt["precision"] >= 0.80 and gt["recall"] >= 0.70 and gt["garbage_found"] == gt["n_garbage"] == 12
@@ -148,7 +150,7 @@ def test_cycle_on_demo_end_to_end(demo_cycle, demo_dir):
     cycle = runs[runs["tags.cleanloop.step"] == "cycle"]
     assert len(cycle) == 1
     children = runs[runs["tags.mlflow.parentRunId"] == cycle.iloc[0]["run_id"]]
-    assert sorted(children["tags.cleanloop.step"]) == ["compare", "flag", "oof", "prune", "review", *["train"] * 6]
+    assert sorted(children["tags.cleanloop.step"]) == ["audit", "compare", "flag", "oof", "prune", "review", *["train"] * 6]
     oof_id = children[children["tags.cleanloop.step"] == "oof"].iloc[0]["run_id"]
     assert (runs["tags.mlflow.parentRunId"] == oof_id).sum() == 5
     trains = children[children["tags.cleanloop.step"] == "train"]
