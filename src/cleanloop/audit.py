@@ -180,6 +180,17 @@ def _map(func, items: Sequence, workers: int) -> list:
         return list(pool.map(func, items))
 
 
+def _map_files(func, paths: Sequence, workers: int, *, verb: str, what: str) -> list:
+    """``func`` over the paths (None for a file it cannot use); any None is one CleanloopError listing them."""
+    paths = [str(p) for p in paths]
+    results = _map(func, paths, workers)
+    bad = [p for p, r in zip(paths, results, strict=True) if r is None]
+    if bad:
+        raise CleanloopError(f"cannot {verb} {len(bad)} of {len(paths)} {what}: {_listed(bad)}; "
+                             "fix or remove them from the manifest")
+    return results
+
+
 # ---------------------------------------------------------------------------------------------
 # hashing files
 
@@ -215,12 +226,7 @@ def content_hashes(paths: Sequence[str], *, workers: int = 1) -> np.ndarray:
             return None
         return h.hexdigest()
 
-    paths = [str(p) for p in paths]
-    digests = _map(digest, paths, workers)
-    bad = [p for p, d in zip(paths, digests, strict=True) if d is None]
-    if bad:
-        raise CleanloopError(f"cannot read {len(bad)} of {len(paths)} image file(s): {_listed(bad)}; "
-                             "fix or remove them from the manifest")
+    digests = _map_files(digest, paths, workers, verb="read", what="image file(s)")
     return np.array(digests, dtype=str) if digests else np.array([], dtype="<U64")
 
 
@@ -261,12 +267,7 @@ def perceptual_hashes(paths: Sequence[str], *, hash_size: int = 8, workers: int 
         # Pack most significant bit first, as imagehash's str() does.
         return int(np.packbits(np.r_[np.zeros(64 - bits.size, bool), bits]).view(">u8")[0])
 
-    paths = [str(p) for p in paths]
-    hashes = _map(phash, paths, workers)
-    bad = [p for p, h in zip(paths, hashes, strict=True) if h is None]
-    if bad:
-        raise CleanloopError(f"cannot decode {len(bad)} of {len(paths)} image(s): {_listed(bad)}; "
-                             "fix or remove them from the manifest")
+    hashes = _map_files(phash, paths, workers, verb="decode", what="image(s)")
     return np.array(hashes, dtype=np.uint64)
 
 
@@ -671,12 +672,7 @@ def thumbnails(paths: Sequence[str], *, side: int = THUMBNAIL_SIDE, workers: int
         except CleanloopError:
             return None
 
-    paths = [str(p) for p in paths]
-    thumbs = _map(thumb, paths, workers)
-    bad = [p for p, t in zip(paths, thumbs, strict=True) if t is None]
-    if bad:
-        raise CleanloopError(f"cannot decode {len(bad)} of {len(paths)} image(s): {_listed(bad)}; "
-                             "fix or remove them from the manifest")
+    thumbs = _map_files(thumb, paths, workers, verb="decode", what="image(s)")
     return np.stack(thumbs) if thumbs else np.zeros((0, side, side), np.float32)
 
 
