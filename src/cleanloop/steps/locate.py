@@ -55,11 +55,14 @@ def audit_fold_groups(cfg: DictConfig, m) -> Path | None:
     return entry.dir / "fold_groups.csv" if entry and (entry.dir / "fold_groups.csv").is_file() else None
 
 
-def merged_groups(cfg: DictConfig, m) -> Path | None:
-    """The audit's fold groups when ``oof`` makes folds with them: they join groups the manifest keeps apart."""
+def merged_groups(cfg: DictConfig, m, audited: Path | None = None) -> Path | None:
+    """The audit's fold groups when ``oof`` makes folds with them: they join groups the manifest keeps apart.
+
+    ``audited``: :func:`audit_fold_groups` when the caller has looked it up already.
+    """
     if cfg.oof.method == "insample":
         return None
-    path = audit_fold_groups(cfg, m)
+    path = audited or audit_fold_groups(cfg, m)
     if path is None:
         return None
     from cleanloop.folds import fold_groups, same_partition

@@ -222,8 +222,9 @@ def run(cfg: DictConfig) -> dict:
     train, classes = m.train.reset_index(drop=True), m.classes
     labels = m.label_indices(train)
     manifest_hash = file_hash(m.source)
-    merged = merged_groups(cfg, m) if makes_folds else None
-    if makes_folds and audit_fold_groups(cfg, m) is None and cfg.audit.get("enabled") and cfg.audit.get("merge_groups"):
+    audited = audit_fold_groups(cfg, m) if makes_folds else None
+    merged = merged_groups(cfg, m, audited) if audited else None
+    if makes_folds and audited is None and cfg.audit.get("enabled") and cfg.audit.get("merge_groups"):
         log.warning("oof: audit.merge_groups is on but this manifest has no audit yet: folds keep the group column's "
                     "groups only; run `cleanloop audit` first (cycle does) or set audit.merge_groups=false")
     plan = _fold_groups(cfg, train, merged) if makes_folds else None
