@@ -113,3 +113,33 @@ def test_the_audit_key_follows_the_images(tmp_path, cfg_factory):
     assert not again["reused"] and again["key"] != first["key"]
     pairs = pd.read_csv(Path(again["out_dir"]) / "duplicates.csv", dtype=str)
     assert not ((pairs["image_uuid_a"] == "dark-0") & (pairs["image_uuid_b"] == "dark-twin")).any()
+
+
+def test_prefetched_search_is_taken_only_for_its_own_rows_and_settings(tmp_path, cfg_factory, monkeypatch):
+    # cycle starts the duplicate search beside its imports (audit.prefetch); the step takes that
+    # result for the same rows and settings only, and nothing is started for a finished entry.
+    from cleanloop import audit as pure
+
+    manifest = _with_copies(tmp_path)
+    cfg = cfg_factory(*TINY, f"data.manifest={manifest}")
+    assert audit.prefetch(cfg) is True
+    assert len(audit._prefetched) == 1
+    calls = []
+    monkeypatch.setattr(pure, "find_duplicates", lambda *a, **k: calls.append(1) or pd.DataFrame())
+    info = audit.run(cfg)
+    assert calls == [] and audit._prefetched == {}  # the started search was taken, none run again
+    pairs = pd.read_csv(Path(info["out_dir"]) / "duplicates.csv", dtype=str)
+    assert {frozenset(p) for p in pairs[["image_uuid_a", "image_uuid_b"]].itertuples(index=False)} == {
+        frozenset(("dark-0", "dark-twin")), frozenset(("mid-1", "mid-leak"))}
+    assert audit.prefetch(cfg) is False  # finished entry: it will be reused, nothing to search
+
+    # a search started for other settings is never taken by a step with these
+    other = cfg_factory(*TINY, f"data.manifest={manifest}", "audit.phash_max_distance=4")
+    third = cfg_factory(*TINY, f"data.manifest={manifest}", "audit.phash_max_distance=6")
+    monkeypatch.undo()
+    assert audit.prefetch(other) is True
+    monkeypatch.setattr(pure, "find_duplicates", lambda *a, **k: calls.append(1) or pd.DataFrame(
+        columns=list(pure.PAIR_COLUMNS)))
+    audit.run(third)
+    assert calls == [1] and len(audit._prefetched) == 1  # searched in the step; other's search untaken
+    audit._prefetched.clear()

@@ -84,6 +84,10 @@ def run_step(step: str, cfg):
 
     try:
         preflight(step, cfg)
+        if step == "cycle":  # the audit's duplicate search runs beside the imports of the steps after it
+            from cleanloop.steps.audit import prefetch
+
+            prefetch(cfg)
         return importlib.import_module(STEPS[step]).run(cfg)
     except CleanloopError as e:
         logging.getLogger("cleanloop").debug("error", exc_info=True)

@@ -20,8 +20,12 @@ Its metrics go to an MLflow ``audit`` run (``audit/leaks/train_test`` and the ot
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +34,7 @@ from omegaconf import DictConfig
 
 from cleanloop.config import file_hash
 from cleanloop.io import write_csv, write_json
-from cleanloop.steps.common import cached, entry_key, load_input, out_path
+from cleanloop.steps.common import cached, entry_key, find_entry, load_input, out_path
 from cleanloop.steps.locate import audit_parts
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,57 @@ log = logging.getLogger(__name__)
 AUDIT_FILES = ["duplicates.csv", "leakage_per_class.csv", "conflicting_labels.csv", "fold_groups.csv",
                "duplicate_pairs.png", "audit_summary.json"]
 MONTAGE_PAIRS = 20  # cross-split pairs drawn in duplicate_pairs.png (two cells each)
+
+
+# Searches started by prefetch(), by what they search (_search_id): a search is only ever taken
+# for the same rows and settings it was started with.
+_prefetched: dict[str, Future] = {}
+
+
+def _search_args(cfg: DictConfig) -> dict:
+    ac = cfg.audit
+    return {"phash_max_distance": int(ac.phash_max_distance), "min_pixel_ncc": float(ac.min_pixel_ncc),
+            "workers": int(ac.workers)}
+
+
+def _search_id(rows: pd.DataFrame, args: dict) -> str:
+    digest = hashlib.blake2b(pd.util.hash_pandas_object(rows, index=True).to_numpy().tobytes(), digest_size=16)
+    digest.update(json.dumps(args, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def prefetch(cfg: DictConfig) -> bool:
+    """Start this config's duplicate search in a background thread; True if one was started.
+
+    ``cycle`` calls it before it loads torch, Lightning and transformers (about 12 s of imports on
+    this project's 2-core machine, bench/RESULTS.md B5): the search (numpy, PIL and hashlib, which
+    release the GIL for most of their work) runs beside the imports, and :func:`run` takes its
+    result for the same rows and settings. Nothing is started when the audit is off or its cache
+    entry is finished (it will be reused). The search's own lazy imports are done here first, on
+    one image, so the thread imports nothing while the main thread imports the rest.
+    """
+    from cleanloop import audit
+
+    if not cfg.audit.get("enabled", True):
+        return False
+    m = load_input(cfg)
+    if bool(cfg.paths.get("reuse_steps", True)) and find_entry(cfg, "audit", audit_parts(cfg, m), m) is not None:
+        return False
+    rows, args = _rows(m), _search_args(cfg)
+    first = rows.head(1)
+    audit.find_duplicates(pd.concat([first, first.assign(image_uuid=first["image_uuid"] + "~")]), **args)
+    future: Future = Future()
+
+    def search() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(audit.find_duplicates(rows, **args))
+            except BaseException as e:  # noqa: BLE001 - raised again where the result is taken
+                future.set_exception(e)
+
+    _prefetched[_search_id(rows, args)] = future
+    threading.Thread(target=search, name="cleanloop-audit-prefetch", daemon=True).start()
+    return True
 
 
 def run(cfg: DictConfig) -> dict:
@@ -71,8 +126,9 @@ def _audit(cfg: DictConfig, m, out_dir: Path, key: str) -> dict:
     data_hash = file_hash(m.source)
     with step_run(cfg, "audit", tags={"cleanloop.data": data_hash, "cleanloop.audit_key": key}) as run:
         log_dataset(m.df, m.source, name=manifest_dataset_name("input", m.source), context="audit", digest=data_hash)
-        pairs = audit.find_duplicates(rows, phash_max_distance=int(ac.phash_max_distance),
-                                      min_pixel_ncc=float(ac.min_pixel_ncc), workers=int(ac.workers))
+        args = _search_args(cfg)
+        started = _prefetched.pop(_search_id(rows, args), None)
+        pairs = started.result() if started is not None else audit.find_duplicates(rows, **args)
         leakage = audit.leakage_per_class(pairs, rows, classes=m.classes)
         conflicts = audit.conflicting_label_rows(pairs, rows)
         train = rows[rows["split"] == "train"].reset_index(drop=True)
