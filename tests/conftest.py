@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -116,11 +121,54 @@ def tiny_manifest(tmp_path) -> Path:
     return path
 
 
+class _Zygote:
+    """This test process's zygote (tests/zygote.py): started on first use, stopped at exit."""
+
+    proc: subprocess.Popen | None = None
+    path = ""
+
+    @classmethod
+    def socket_path(cls) -> str:
+        if cls.proc is None or cls.proc.poll() is not None:
+            folder = tempfile.mkdtemp(prefix="cleanloop-zygote-")
+            cls.path = os.path.join(folder, "socket")
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+                [str(REPO / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+            cls.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "zygote.py"), cls.path], env=env,
+                                        stdout=subprocess.PIPE, text=True)
+            if cls.proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"tests/zygote.py did not start (exit {cls.proc.wait()})")
+            atexit.register(cls.proc.kill)
+        return cls.path
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real `cleanloop` console script in a subprocess."""
+    """Run the `cleanloop` command in a process of its own: stdout, stderr and exit code as subprocess.run's.
+
+    The process is a fork of a zygote that has already imported the libraries (tests/zygote.py) and
+    calls the console script's entry point, :func:`cleanloop.cli.main`; ~12 s less per run than
+    starting the console script. CLEANLOOP_TEST_FORK=0 starts the console script itself.
+    """
     exe = Path(sys.executable).with_name("cleanloop")
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if os.environ.get("CLEANLOOP_TEST_FORK", "1") == "0":
+        return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                              timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="cleanloop-run-") as folder, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        conn.connect(_Zygote.socket_path())
+        conn.sendall((json.dumps({"args": list(args), "cwd": str(cwd), "env": full_env, "stdout": str(out),
+                                  "stderr": str(err)}) + "\n").encode())
+        reply = conn.makefile("r")
+        pid = json.loads(reply.readline())["pid"]
+        conn.settimeout(timeout)
+        try:
+            code = json.loads(reply.readline())["returncode"]
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            raise subprocess.TimeoutExpired([str(exe), *args], timeout, out.read_text(), err.read_text()) from None
+        return subprocess.CompletedProcess([str(exe), *args], code, out.read_text(), err.read_text())
 
 
 def run_main(capsys, *args: str) -> tuple[int, str]:
