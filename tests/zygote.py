@@ -38,6 +38,10 @@ def _run(request: dict) -> int:
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(target, fd)
         os.close(target)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # read by torch when it loaded, in the zygote
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from cleanloop import cli
 
     sys.argv = ["cleanloop", *request["args"]]
