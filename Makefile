@@ -13,9 +13,13 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 UI_PORT ?= 5000
 STORE := sqlite:///$(CURDIR)/mlruns/mlflow.db
+# `make server`: the team's MLflow server; PostgreSQL's data and the artifact root live in SERVER_DIR
+SERVER_DIR ?= .cache/server
+SERVER_HOST ?= 127.0.0.1
+SERVER_PORT ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast lint cycle demo-data cache audit oof flag prune review train-baseline train-cleaned compare sweep ui bench bench-efficacy clean
+.PHONY: help venv test test-fast lint cycle demo-data cache audit oof flag prune review train-baseline train-cleaned compare sweep ui server bench bench-efficacy clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -78,6 +82,9 @@ ui: $(STAMP) ## MLflow UI on the project's store at 127.0.0.1:$(UI_PORT)
 # (MLflow 3 also starts GenAI job workers, e.g. online scoring, that cleanloop never uses: off)
 	@$(BIN)/python -m cleanloop.tracking --uri "$(STORE)" --port $(UI_PORT)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri "$(STORE)" --host 127.0.0.1 --port $(UI_PORT)
+
+server: $(STAMP) ## team MLflow server on PostgreSQL at SERVER_HOST:SERVER_PORT, data in SERVER_DIR; ARGS: extra `mlflow server` flags; Ctrl-C stops it
+	$(BIN)/python -m cleanloop.pgserver --dir "$(SERVER_DIR)" --host $(SERVER_HOST) --port $(SERVER_PORT) $(if $(ARGS),-- $(ARGS))
 
 bench: $(STAMP) ## benchmarks B1-B5, B9 (B6 where CUDA is; B7, B8 with --parts); rewrites bench/RESULTS.md. ARGS="--parts b1,b4" for some
 	$(BIN)/python bench/run.py $(ARGS)

@@ -19,7 +19,6 @@ a killed build leaves at most bytes past the last indexed slot, cut off by the n
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -33,6 +32,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cleanloop import locks
 from cleanloop.errors import CleanloopError
 from cleanloop.images import load_image, pad_to_square
 from cleanloop.io import write_table
@@ -79,11 +79,11 @@ class DiskImageCache:
     def _locked(self):
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / "lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            locks.lock(lock)
             try:
                 yield
             finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                locks.unlock(lock)
 
     def _read(self, name: str, columns: dict[str, str]) -> pd.DataFrame:
         path = self.dir / name

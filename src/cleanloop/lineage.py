@@ -22,7 +22,6 @@ is recomputed.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
+from cleanloop import locks
 from cleanloop.config import short_hash
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def content_digests(paths: Sequence[str], table_dir: str | os.PathLike, *, worke
     table_dir.mkdir(parents=True, exist_ok=True)
     sigs = [_signature(p) for p in paths]
     with open(table_dir / "image_stats.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        locks.lock(lock)
         try:
             table_path = table_dir / "image_stats.parquet"
             if table_path.is_file():
@@ -129,7 +129,7 @@ def content_digests(paths: Sequence[str], table_dir: str | os.PathLike, *, worke
 
                 write_table(table_path, stats)
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            locks.unlock(lock)
     return out, changed  # type: ignore[return-value]
 
 
