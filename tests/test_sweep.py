@@ -1,4 +1,4 @@
-"""Issue 5: cached steps across a multirun, the joblib launcher, DDP-safe OOF, a shared MLflow server."""
+"""Issue 5: cached steps across a multirun, the joblib launcher, a shared MLflow server."""
 
 from __future__ import annotations
 
@@ -16,10 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cleanloop.model import Classifier, backbone_from_config
 from cleanloop.oof_file import oof_frame, write_oof
 
-from conftest import make_cfg, run_cli, tiny_rows, write_png
+from conftest import run_cli, tiny_rows
 
 TINY = ["data=manifest", "data.num_workers=0", "model=tiny", "model.image_size=16", "model.config.image_size=16"]
 CLASSES = ["bright", "dark", "mid"]
@@ -166,37 +165,6 @@ def test_a_step_against_an_mlflow_server(tiny_manifest, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-
-def _uneven_manifest(root: Path) -> Path:
-    rows = []
-    for c, v in (("dark", 20), ("mid", 110), ("bright", 200)):
-        for i in range(8):
-            u = f"{c}-{i}"
-            write_png(root / "img" / f"{u}.png", v + 3 * i)
-            rows.append({"image_uuid": u, "path": f"img/{u}.png", "label": c, "split": "test" if i == 7 else "train"})
-    path = root / "m.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path  # 21 train rows: not a multiple of 2 ranks x batch 4
-
-
-@pytest.mark.slow
-def test_ddp_oof_scores_every_row_once_like_one_process(tmp_path):
-    manifest = _uneven_manifest(tmp_path)
-    base = [*TINY, f"data.manifest={manifest}", "recipe.batch_size=4", "oof=insample"]
-    cfg = make_cfg(tmp_path, *base, "oof.checkpoint=unused")
-    model = Classifier(backbone_from_config(cfg.model, cache_dir=cfg.paths.cache_dir, seed=3), CLASSES)
-    model.save(tmp_path / "model")
-    outs = {}
-    for name, extra in (("single", []), ("ddp", ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                                                 "trainer.precision=32-true"])):
-        r = run_cli("oof", *base, f"oof.checkpoint={tmp_path / 'model'}", f"paths.root_dir={tmp_path / name}", *extra,
-                    cwd=tmp_path)
-        assert r.returncode == 0, r.stderr[-3000:]
-        outs[name] = pd.read_parquet(tmp_path / name / "outputs" / "manifest" / "oof" / "oof_probs.parquet")
-    single, ddp = outs["single"], outs["ddp"]
-    assert len(ddp) == 21 and ddp["image_uuid"].is_unique and list(ddp["image_uuid"]) == list(single["image_uuid"])
-    np.testing.assert_allclose(ddp[CLASSES].to_numpy(), single[CLASSES].to_numpy(), atol=1e-5)
 
 
 def test_unreachable_tracking_server_fails_before_training(capsys, tiny_manifest, tmp_path):

@@ -178,6 +178,7 @@ class Classifier(L.LightningModule):
         # CPU and on GPU tensor cores (bench B9); the arithmetic is the same up to summation order.
         self.channels_last = bool(channels_last)
         self._epoch_sums: torch.Tensor | None = None
+        self._val_sums: torch.Tensor | None = None
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
 
@@ -195,26 +196,36 @@ class Classifier(L.LightningModule):
         logits = logits.float()
         return torch.sigmoid(logits) if self.head_kind == "sigmoid" else logits.softmax(-1)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch mean loss; with ``weight`` (one per row) the weighted sum of the rows' losses."""
         if self.head_kind == "sigmoid":
             target = F.one_hot(labels, len(self.classes)).to(logits.dtype)
-            return F.binary_cross_entropy_with_logits(logits, target)
-        return F.cross_entropy(logits, labels)
+            if weight is None:
+                return F.binary_cross_entropy_with_logits(logits, target)
+            rows = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
+        else:
+            if weight is None:
+                return F.cross_entropy(logits, labels)
+            rows = F.cross_entropy(logits, labels, reduction="none")
+        return (rows * weight.to(rows.dtype)).sum()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x = batch["pixel_values"]
         if self.augment:  # train-time augmentation on the whole batch, on the device
             x = augment_batch(x, **self.augment)
         logits = self(x)
-        loss = self.loss(logits, batch["label"])
+        # under DDP the sampler weighs rows (cleanloop.training.ShardedTrainSampler): the ranks' weighted
+        # sums average to the one-process mean over the global batch, and padding rows weigh 0
+        weight = batch.get("weight")
+        loss = self.loss(logits, batch["label"], weight)
         # The epoch's mean loss and accuracy, summed here and handed to Lightning once per epoch:
         # `self.log` on every step is a visible share of a small model's CPU step time.
         with torch.no_grad():
-            step = torch.stack([loss.detach().float() * len(logits), (logits.argmax(-1) == batch["label"]).sum().float(),
-                                torch.tensor(float(len(logits)), device=logits.device)])
+            step = self._row_sums(logits.detach(), batch["label"], None if weight is None else weight > 0)
             self._epoch_sums = step if self._epoch_sums is None else self._epoch_sums + step
         if self._epoch_ends():
-            loss_sum, correct, n = self._epoch_sums
+            # every rank reaches its last batch at the same step (equal batch counts): sum over ranks
+            loss_sum, correct, n = self.trainer.strategy.reduce(self._epoch_sums, reduce_op="sum")
             self.log("train/loss", loss_sum / n, on_step=False, on_epoch=True, batch_size=1)
             self.log("train/acc", correct / n, on_step=False, on_epoch=True, batch_size=1)
             self._epoch_sums = None
@@ -230,11 +241,34 @@ class Classifier(L.LightningModule):
         return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
                     or (max_steps is not None and max_steps > 0 and trainer.global_step + 1 >= max_steps))
 
+    def _row_sums(self, logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """(sum of row losses, correct rows, rows) over the rows ``keep`` marks (None: all)."""
+        if self.head_kind == "sigmoid":
+            target = F.one_hot(labels, len(self.classes)).to(logits.dtype)
+            rows = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
+        else:
+            rows = F.cross_entropy(logits, labels, reduction="none")
+        hit = logits.argmax(-1) == labels
+        if keep is not None:
+            rows, hit = rows[keep], hit[keep]
+        return torch.stack([rows.float().sum(), hit.sum().float(), torch.tensor(float(len(rows)), device=logits.device)])
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = None
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Sums over the real rows, all-reduced once at the last batch: under DDP the sampler pads the
+        # ranks with rows of weight 0 (cleanloop.training.ShardedEvalSampler), which would otherwise
+        # count twice, and a mean of the ranks' means would weigh a short rank like a full one.
         logits = self(batch["pixel_values"])
-        n = len(batch["label"])
-        self.log("val/loss", self.loss(logits, batch["label"]), batch_size=n, sync_dist=True)
-        self.log("val/acc", (logits.argmax(-1) == batch["label"]).float().mean(), batch_size=n, sync_dist=True)
+        weight = batch.get("weight")
+        step = self._row_sums(logits, batch["label"], None if weight is None else weight > 0)
+        self._val_sums = step if getattr(self, "_val_sums", None) is None else self._val_sums + step
+        if batch_idx + 1 == self.trainer.num_val_batches[0]:  # ranks have equal batch counts
+            loss_sum, correct, n = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+            self.log("val/loss", loss_sum / n, on_step=False, on_epoch=True, batch_size=1)
+            self.log("val/acc", correct / n, on_step=False, on_epoch=True, batch_size=1)
+            self._val_sums = None
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Probabilities (B, K) and pooled embeddings (B, D), keyed by ``image_uuid``."""

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cleanloop.config import recipe_hash, short_hash  # noqa: F401 (recipe_hash: re-exported)
 from cleanloop.data import ManifestDataModule, set_memory_cache
@@ -37,6 +38,7 @@ class EpochLog(L.Callback):
 
     def __init__(self, prefix: str = ""):
         self.prefix = prefix
+        self.history: list[tuple[int, str, dict]] = []  # (epoch, "1/2", metrics), for a DDP fit's replay
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -46,11 +48,33 @@ class EpochLog(L.Callback):
         # under a step budget (recipe.budget=steps) Lightning's max_epochs is -1: show the steps instead
         of = (f"{epoch + 1}/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0
               else f"{epoch + 1} (step {trainer.global_step}/{trainer.max_steps})")
+        self.history.append((epoch, of, values))
+        if trainer.world_size == 1:  # a spawned DDP rank has neither the log setup nor the MLflow run
+            self.emit(epoch, of, values)
+
+    def emit(self, epoch: int, of: str, values: dict) -> None:
         log.info("%sepoch %s %s", self.prefix, of, " ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
         import mlflow  # here, not at the top: bench/gpu.py runs the predict path without MLflow
 
         if mlflow.active_run() is not None:
             mlflow.log_metrics(values, step=epoch)
+
+
+class FitRecord(L.Callback):
+    """Rank 0 writes what the fit did (steps, epochs, best epoch, the epoch log) to ``path`` at its end.
+
+    ``ddp_spawn`` brings the trained weights back to cleanloop's process but not the trainer's
+    counters nor the callbacks' state, which live in the spawned ranks; this file carries them.
+    """
+
+    def __init__(self, path: Path, epoch_log: EpochLog, best: BestValState | None):
+        self.path, self.epoch_log, self.best = Path(path), epoch_log, best
+
+    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            best_epoch = None if self.best is None else self.best.best_epoch
+            self.path.write_text(json.dumps({"steps": int(trainer.global_step), "epochs": int(trainer.current_epoch),
+                                             "best_epoch": best_epoch, "history": self.epoch_log.history}))
 
 
 def build_module(cfg: DictConfig, classes: Sequence[str]) -> Classifier:
@@ -74,11 +98,133 @@ def build_module(cfg: DictConfig, classes: Sequence[str]) -> Classifier:
     return module
 
 
+class WeightedRows(Dataset):
+    """A dataset addressed by ``(index, weight)`` pairs: each item gains a float ``weight`` (0 = a padding row).
+
+    The DDP samplers below hand out such pairs, so a row repeated only to give every rank the same
+    number of batches is carried through the step but counts for nothing.
+    """
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, float]) -> dict:
+        index, weight = key
+        return {**self.base[index], "weight": torch.tensor(weight, dtype=torch.float32)}
+
+
+class ShardedTrainSampler(DistributedSampler):
+    """DDP training order that reproduces a one-process run with ``batch_size x world`` rows per step.
+
+    Each epoch draws the permutation exactly as ``DataLoader(shuffle=True)`` does in one process
+    (a seed from the global torch RNG, then ``randperm``), cuts it into global batches of
+    ``batch_size * world`` rows and gives rank r the r-th slice of each. Nothing is repeated to pad:
+    a rank whose slice of the last global batch is empty gets one row of weight 0, and every real row
+    weighs ``world / rows in its global batch``, so the mean of the ranks' weighted sums (DDP averages
+    gradients) is the one-process mean loss of that global batch. Lightning leaves a
+    ``DistributedSampler`` in place, so this replaces the padded one it would inject.
+    """
+
+    def __init__(self, n_rows: int, *, batch_size: int, rank: int, world: int):
+        super().__init__(range(n_rows), num_replicas=world, rank=rank, shuffle=True, drop_last=False)
+        self.n_rows, self.batch_size = n_rows, batch_size
+        global_batch = batch_size * world
+        tail = n_rows % global_batch
+        mine = min(batch_size, max(0, tail - rank * batch_size)) if tail else batch_size
+        self.num_samples = (math.ceil(n_rows / global_batch) - 1) * batch_size + max(1, mine)
+
+    def __iter__(self):
+        # the same draws, in the same order, as torch's RandomSampler: one int64 from the global RNG
+        # seeds a private generator; the global RNG state itself is the one-process run's (fit_predict
+        # hands it to the ranks, see _RankRng)
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        order = torch.randperm(self.n_rows, generator=generator).tolist()
+        step = self.batch_size * self.num_replicas
+        for start in range(0, self.n_rows, step):
+            rows = order[start:start + step]
+            share = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            if share:
+                yield from ((i, self.num_replicas / len(rows)) for i in share)
+            else:
+                yield order[0], 0.0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ShardedEvalSampler(DistributedSampler):
+    """In-order evaluation shards, as Lightning's own (rank r gets rows r, r + W, ...), padded to equal
+    length with rows of weight 0 instead of repeated rows that would count twice in the metrics."""
+
+    def __init__(self, n_rows: int, *, rank: int, world: int):
+        super().__init__(range(n_rows), num_replicas=world, rank=rank, shuffle=False, drop_last=False)
+        self.n_rows = n_rows
+
+    def __iter__(self):
+        for j in range(self.num_samples):
+            p = self.rank + j * self.num_replicas
+            yield (p, 1.0) if p < self.n_rows else (p % self.n_rows, 0.0)
+
+
+class ShardedDataModule(ManifestDataModule):
+    """:class:`ManifestDataModule` whose train and val loaders shard without double counting under DDP.
+
+    On one process it is the plain data module (same loaders, same sample order as before). With
+    ``world > 1`` the loaders are built on each rank (Lightning calls them there) with the samplers
+    above. Prediction keeps Lightning's padded sampler: :func:`gather_predictions` de-duplicates by uuid.
+    """
+
+    def _sharded(self, df: pd.DataFrame, sampler: DistributedSampler) -> DataLoader:
+        base = self._loader(df, shuffle=False)
+        return DataLoader(WeightedRows(base.dataset), batch_size=self.batch_size, sampler=sampler,
+                          num_workers=base.num_workers, pin_memory=base.pin_memory,
+                          persistent_workers=base.persistent_workers)
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        if world == 1:
+            return super().train_dataloader()
+        df = self.frames["train"]
+        return self._sharded(df, ShardedTrainSampler(len(df), batch_size=self.batch_size, rank=rank, world=world))
+
+    def val_dataloader(self):
+        world, rank = self._world()
+        df = self.frames["val"]
+        if world == 1 or df is None or df.empty:
+            return super().val_dataloader()
+        return self._sharded(df, ShardedEvalSampler(len(df), rank=rank, world=world))
+
+
+class _RankRng(L.Callback):
+    """Under DDP, start every rank's fit from the global torch RNG state the one-process fit starts from.
+
+    Lightning reseeds each spawned rank (``reset_seed`` when the process group starts), which would
+    drop the draws the module's construction made; with this the ranks draw the same shuffling seeds
+    as a one-process run (:class:`ShardedTrainSampler`). One process: nothing to do.
+    """
+
+    def __init__(self, state: torch.Tensor):
+        self.state = state
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            torch.set_rng_state(self.state)
+
+
 def make_datamodule(cfg: DictConfig, classes: Sequence[str], train: pd.DataFrame | None, *,
                     val: pd.DataFrame | None = None, predict: dict | None = None) -> ManifestDataModule:
     disk = cache_from_config(cfg) if cfg.data.get("cache", False) else None
     set_memory_cache(0 if disk is not None else cfg.data.get("memory_cache_mb", 0))
-    return ManifestDataModule(
+    return ShardedDataModule(
         train,
         classes,
         image_size=cfg.model.image_size,
@@ -94,6 +240,11 @@ def make_datamodule(cfg: DictConfig, classes: Sequence[str], train: pd.DataFrame
 def make_trainer(cfg: DictConfig, *, callbacks: list | None = None, root_dir: str | None = None,
                  validate: bool = False, max_steps: int = -1) -> L.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if int(kwargs.get("num_nodes", 1)) > 1:
+        # under ddp_spawn each node's cleanloop process would run the whole step: every node would write
+        # the outputs and MLflow runs, and merge only its own ranks' predictions (a node-local folder)
+        raise CleanloopError(f"trainer.num_nodes={kwargs['num_nodes']}: cleanloop trains on one node per job "
+                             "(trainer=ddp on its GPUs); spread folds or sweep points over nodes as separate jobs")
     if not validate:
         kwargs["limit_val_batches"] = 0
     return L.Trainer(
@@ -113,8 +264,9 @@ CHECKPOINTS = ("last", "best_val")
 
 
 def steps_per_epoch(n_rows: int, *, batch_size: int, world_size: int = 1) -> int:
-    """Optimizer steps in one pass over ``n_rows`` (each of ``world_size`` ranks gets ceil(N / W) rows;
-    the last batch is kept, not dropped)."""
+    """Optimizer steps in one pass over ``n_rows``: ceil(N / (W x batch)), as many under DDP's sharding
+    (each rank takes ``batch_size`` rows of every global batch) as in one process with W x batch rows
+    per step; the last batch is kept, not dropped."""
     return math.ceil(math.ceil(n_rows / max(1, world_size)) / batch_size)
 
 
@@ -266,8 +418,12 @@ def fit_predict(
         log.warning("%srecipe.checkpoint=best_val but the manifest has no val rows: evaluating the last epoch",
                     log_prefix)
     budget = cfg.recipe.get("budget", "epochs")
-    all_callbacks = [EpochLog(log_prefix), *([best] if best else []), *(callbacks or [])]
+    epoch_log = EpochLog(log_prefix)
     with tempfile.TemporaryDirectory() as tmp:
+        record = Path(tmp) / "fit-record.json"
+        # the RNG state the fit starts from, after the module drew its head: DDP ranks restart from it
+        all_callbacks = [_RankRng(torch.get_rng_state()), epoch_log, *([best] if best else []),
+                         FitRecord(record, epoch_log, best), *(callbacks or [])]
         trainer = make_trainer(cfg, callbacks=all_callbacks, root_dir=tmp, validate=has_val)
         max_steps = step_budget(budget=budget, epochs=int(cfg.recipe.epochs), n_rows=len(train),
                                 budget_rows=budget_rows, batch_size=int(cfg.recipe.batch_size),
@@ -275,11 +431,15 @@ def fit_predict(
         if max_steps > 0:
             trainer = make_trainer(cfg, callbacks=all_callbacks, root_dir=tmp, validate=has_val, max_steps=max_steps)
         trainer.fit(module, datamodule=dm)
+        done = json.loads(record.read_text())  # from rank 0, wherever it ran
+    if trainer.world_size > 1:  # the spawned ranks could not log: their epoch lines and metrics, now
+        for epoch, of, values in done["history"]:
+            epoch_log.emit(epoch, of, values)
     module.eval()
     module.fit_info = {
         "budget": budget, "n_rows": int(len(train)), "budget_rows": int(budget_rows or len(train)),
-        "max_steps": max_steps, "steps": int(trainer.global_step), "epochs": int(trainer.current_epoch),
+        "max_steps": max_steps, "steps": done["steps"], "epochs": done["epochs"],
         "checkpoint": "best_val" if best else "last",
-        "best_epoch": None if best is None or best.best_epoch is None else int(best.best_epoch) + 1,
+        "best_epoch": None if done["best_epoch"] is None else int(done["best_epoch"]) + 1,
     }
     return module, predict(cfg, module, predict_frames or {})
