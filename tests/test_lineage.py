@@ -59,8 +59,15 @@ def oof_entries(tmp_path: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
+def fold_markers(tmp_path: Path) -> dict[int, dict]:
+    """{fold: done-marker} of the finished fold entries (``steps/oof-fold/<key>/``)."""
+    root = tmp_path / ".cache" / "cleanloop" / "steps" / "oof-fold"
+    markers = [json.loads(m.read_text()) for m in root.glob(f"[!.]*/{DONE}")] if root.is_dir() else []
+    return {m["fold"]: m for m in markers}
+
+
 def assert_whole(entry: Path) -> dict:
-    """A finished entry's marker, lineage, OOF file and fold files all belong to one build."""
+    """A finished entry's marker, lineage and OOF file belong to one build, and its fold entries hold its rows."""
     from cleanloop.oof_file import read_meta
 
     marker = json.loads((entry / DONE).read_text())
@@ -68,14 +75,18 @@ def assert_whole(entry: Path) -> dict:
     assert json.loads((entry / LINEAGE_FILE).read_text()) == marker["lineage"]
     oof = pd.read_parquet(entry / "oof_probs.parquet")
     assert read_meta(entry / "oof_probs.parquet")["key"] == entry.name
-    folds = sorted((entry / "folds").glob("fold-*.parquet"))
-    assert folds, "a kfold entry keeps its folds"
+    folds = [entry.parent.parent / "oof-fold" / k for k in marker["fold_entries"]]
+    assert folds, "a kfold entry names its fold entries"
     classes = [c for c in oof.columns if c not in ("image_uuid", "label", "fold")]
     for f in folds:
-        assert read_meta(f)["key"] == entry.name
-        fold = pd.read_parquet(f)
-        rows = oof.set_index("image_uuid").loc[fold["image_uuid"], classes].to_numpy()
-        assert np.allclose(rows, fold.drop(columns="image_uuid").to_numpy(), atol=1e-6), f"{f.name} is not in the OOF"
+        fold_marker = json.loads((f / DONE).read_text())
+        assert read_meta(f / "fold.parquet")["key"] == fold_marker["key"] == f.name
+        assert fold_marker["lineage"]["parts"]["images"] == marker["lineage"]["parts"]["images"]
+        fold = pd.read_parquet(f / "fold.parquet")
+        rows = oof.set_index("image_uuid").loc[fold["image_uuid"]]
+        assert (rows["fold"] == fold_marker["fold"]).all()
+        assert np.allclose(rows[classes].to_numpy(), fold.drop(columns="image_uuid").to_numpy(), atol=1e-6), \
+            f"fold {fold_marker['fold']} is not in the OOF"
     return marker
 
 
@@ -160,6 +171,7 @@ def test_forced_rebuild_killed_at_any_point_leaves_a_whole_entry(manifest, tmp_p
     cfg = cfg_for(tmp_path, manifest)
     first = oof.run(cfg)
     old = assert_whole(Path(first["dir"]))
+    old_folds = fold_markers(tmp_path)
     forced = cfg_for(tmp_path, manifest, "paths.reuse_steps=false")
 
     caplog.clear()
@@ -179,8 +191,10 @@ def test_forced_rebuild_killed_at_any_point_leaves_a_whole_entry(manifest, tmp_p
     assert "fold 1/2 trained" in caplog.text and "reused" not in caplog.text  # (d) the finished fold is retrained
     (entry,) = oof_entries(tmp_path)
     assert not (entry / DONE).exists()  # the old marker went first: nothing marked done beside a mix
-    assert sorted(p.name for p in (entry / "folds").iterdir()) == ["fold-0.parquet"]  # the new fold, for a resume
-    assert not [p for p in entry.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    folds = fold_markers(tmp_path)
+    assert list(folds) == [0] and folds[0]["run_id"] != old_folds[0]["run_id"]  # the new fold 0, for a resume
+    for step_dir in (entry.parent, entry.parent.parent / "oof-fold"):
+        assert not [p for p in step_dir.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
     caplog.clear()
     resumed = oof.run(cfg)
@@ -188,8 +202,12 @@ def test_forced_rebuild_killed_at_any_point_leaves_a_whole_entry(manifest, tmp_p
     new = assert_whole(Path(resumed["dir"]))
     assert new["run_id"] != old["run_id"]
 
-    # killed between the swap's two renames: the finished build is promoted by the next claim
+    # killed between the swap's two renames of the OOF entry: the finished build is promoted by the next claim
+    real_swap = cache.swap_into_place
+
     def dies_between_renames(new: Path, dest: Path) -> None:
+        if dest.parent.name != "oof":
+            return real_swap(new, dest)  # the fold entries, retrained first
         os.replace(dest, tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=cache.OLD_SUFFIX, dir=dest.parent))
         raise KeyboardInterrupt
 
@@ -228,7 +246,7 @@ def test_cycle_in_a_new_mlflow_store_reuses_and_relogs(manifest, tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{db}")
     runs = mlflow.search_runs(search_all_experiments=True)
     reused = runs[runs["tags.cleanloop.reused_from"].notna()]
-    assert sorted(reused["tags.cleanloop.step"]) == ["audit", "flag", "oof", "prune", "train", "train"]
+    assert sorted(reused["tags.cleanloop.step"]) == ["audit", "flag", "flag-test", "oof", "prune", "train", "train"]
     trains = reused[reused["tags.cleanloop.step"] == "train"]
     assert sorted(trains["tags.cleanloop.role"]) == ["baseline", "cleaned"]
     assert trains["tags.cleanloop.recipe"].nunique() == 1 and trains["metrics.test/top1"].notna().all()

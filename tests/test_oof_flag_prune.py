@@ -90,14 +90,17 @@ def test_killed_oof_resumes_at_first_unfinished_fold(demo_oof, demo_dir, tmp_pat
     args = [f"data.manifest={demo_dir}/manifest.csv", f"paths.root_dir={tmp_path}", *FAST]
     exe = str(Path(sys.executable).with_name("cleanloop"))
     proc = subprocess.Popen([exe, "oof", *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    entries = tmp_path / ".cache" / "cleanloop" / "steps" / "oof"
+    steps = tmp_path / ".cache" / "cleanloop" / "steps"
+
+    def folds_done() -> int:  # each finished fold is a cache entry of its own (steps/oof-fold/<key>/)
+        return len(list((steps / "oof-fold").glob("[!.]*/cleanloop-entry.json")))
+
     deadline = time.time() + 300
-    while not list(entries.glob("*/folds/fold-1.parquet")) and proc.poll() is None and time.time() < deadline:
+    while folds_done() < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # killed after fold 2 of 5, mid-way through fold 3
     proc.wait()
-    assert list(entries.glob("*/folds/fold-1.parquet"))
-    assert not list(entries.glob("*/folds/fold-4.parquet")) and not list(entries.glob("*/oof_probs.parquet"))
+    assert 2 <= folds_done() < 5 and not list((steps / "oof").glob("*/oof_probs.parquet"))
     again = subprocess.run([exe, "oof", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     log = again.stdout
@@ -272,10 +275,11 @@ def test_oof_repeats_average_two_kfold_runs(tiny_manifest, tmp_path):
     common = ("data=manifest", f"data.manifest={tiny_manifest}", "data.num_workers=0", "model=tiny",
               "model.image_size=16", "model.config.image_size=16", "recipe.epochs=1", "oof.n_folds=2")
     info = oof.run(make_cfg(tmp_path, *common, "oof.repeats=2"))
-    entry = Path(info["dir"])
+    fold_dir = Path(info["dir"]).parent.parent / "oof-fold"  # each fold of each repeat: an entry of its own
+    keys = info["fold_entries"]  # repeat by repeat, fold by fold
     runs = []
-    for tag in ("", "r1-"):
-        parts = [pd.read_parquet(entry / "folds" / f"fold-{tag}{k}.parquet") for k in range(2)]
+    for r in range(2):
+        parts = [pd.read_parquet(fold_dir / key / "fold.parquet") for key in keys[2 * r:2 * r + 2]]
         runs.append(pd.concat(parts).set_index("image_uuid").sort_index())
     assert list(runs[0].index) == list(runs[1].index) and not np.allclose(runs[0].to_numpy(), runs[1].to_numpy())
     df = pd.read_parquet(info["path"]).set_index("image_uuid").sort_index()
@@ -283,6 +287,6 @@ def test_oof_repeats_average_two_kfold_runs(tiny_manifest, tmp_path):
     expected = (runs[0].to_numpy() + runs[1].to_numpy()) / 2
     np.testing.assert_allclose(df[classes].to_numpy(), expected, rtol=1e-6)
     single = oof.run(make_cfg(tmp_path, *common))  # repeats=1 is another entry: the first run alone
-    assert single["key"] != info["key"]
+    assert single["key"] != info["key"] and single["fold_entries"] == keys[:2]  # its folds, reused
     np.testing.assert_allclose(pd.read_parquet(single["path"]).set_index("image_uuid").sort_index()[classes].to_numpy(),
                                runs[0].to_numpy(), rtol=1e-6)

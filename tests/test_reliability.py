@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -139,8 +140,8 @@ def test_exif_rotated_photo_is_turned_upright(tmp_path):
 
 def test_a_failed_fold_fails_the_step_and_publishes_no_oof(tiny_manifest, tmp_path, monkeypatch):
     """Fault injection: the second fold's training raises (as a CUDA error would). The step fails
-    with that error, publishes no OOF file, leaves its cache entry unfinished (fold 1 kept for a
-    resume) and its MLflow run FAILED."""
+    with that error, publishes no OOF file, leaves no OOF cache entry but the first fold's own entry
+    (kept for a resume), and its MLflow run FAILED."""
     import mlflow
 
     from cleanloop.steps import oof
@@ -162,9 +163,9 @@ def test_a_failed_fold_fails_the_step_and_publishes_no_oof(tiny_manifest, tmp_pa
         oof.run(cfg)
     assert len(calls) == 2
     assert not (tmp_path / "outputs" / "manifest" / "oof" / "oof_probs.parquet").exists()
-    entries = [p for p in (tmp_path / ".cache" / "cleanloop" / "steps" / "oof").iterdir() if p.is_dir()]
-    assert len(entries) == 1 and not (entries[0] / "cleanloop-entry.json").exists()
-    assert (entries[0] / "folds" / "fold-0.parquet").is_file() and not (entries[0] / "folds" / "fold-1.parquet").exists()
-    assert not (entries[0] / "oof_probs.parquet").exists()
+    steps = tmp_path / ".cache" / "cleanloop" / "steps"
+    assert not [p for p in (steps / "oof").iterdir() if p.is_dir()]  # nothing of the failed build is left
+    done = [json.loads(m.read_text())["fold"] for m in (steps / "oof-fold").glob("[!.]*/cleanloop-entry.json")]
+    assert done == [0]  # fold 0 kept for a resume: its own finished entry
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`cleanloop.step` = 'oof'")
     assert runs["status"].tolist() == ["FAILED"]

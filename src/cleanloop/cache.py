@@ -12,23 +12,24 @@ An entry is built whole or not at all: :meth:`StepCache.rebuild` first removes t
 done-marker, builds into a fresh temporary sibling folder (``.<key>.<random>.build``), writes the
 marker there last and swaps the folder into place by rename. A kill at any point leaves the old
 entry (no longer marked done), or the new one whole; a build killed after its marker was written
-but before the swap is promoted by the next :meth:`StepCache.claim`. A step may name parts of an
-unfinished build that a later build resumes from (``oof``'s ``folds/``).
+but before the swap is promoted by the next :meth:`StepCache.claim`. Work worth resuming is made of
+entries of its own: ``oof``'s folds are ``oof-fold`` entries, each claimed and finished apart, so a
+killed OOF build, or a fold job (``oof.folds``), leaves its finished folds for the next build.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from cleanloop import locks
 from cleanloop.io import _UMASK, write_json
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ class Entry:
 
     def commit(self, **info) -> None:
         write_json(self.dir / DONE, {"step": self.step, "key": self.key, **info})
+
+    def unmark(self) -> None:
+        """Remove the done-marker (call with the entry claimed): from here on no step takes the entry as finished."""
+        (self.dir / DONE).unlink(missing_ok=True)
 
     def update(self, **info) -> None:
         """Rewrite the done-marker with ``info`` added (atomically; the entry's files stay as they are)."""
@@ -109,12 +114,12 @@ class StepCache:
         e = self.entry(step, key)
         e.dir.parent.mkdir(parents=True, exist_ok=True)
         with open(e.dir.with_name(key + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            locks.lock(lock)  # a byte-range lock, which NFS carries to the server (cleanloop.locks)
             try:
                 self._recover(e)
                 yield e
             finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                locks.unlock(lock)
 
     @staticmethod
     def _recover(e: Entry) -> None:
@@ -133,37 +138,20 @@ class StepCache:
                 swap_into_place(build, e.dir)
                 return
 
-    def rebuild(self, e: Entry, build: Callable[[Path], dict], *, resume: Sequence[str] = (),
-                forced: bool = False) -> dict:
+    def rebuild(self, e: Entry, build: Callable[[Path], dict]) -> dict:
         """Build ``e`` anew into a temporary sibling, mark it done and swap it into place; returns its info.
 
-        Call with the entry claimed. ``resume``: names (files or folders) a build may take over from
-        an unfinished earlier build of the same key (not when ``forced``: then everything is rebuilt).
-        A build that raises leaves its ``resume`` parts as the unfinished entry, and nothing marked done.
+        Call with the entry claimed. A build that raises leaves nothing of itself and nothing marked done.
         """
-        if e.done:
-            (e.dir / DONE).unlink()  # first: from here on no reader takes the old files for a finished entry
-        if forced:
-            for name in resume:  # nothing of an earlier build carries over
-                _remove(e.dir / name)
+        e.unmark()  # first: from here on no reader takes the old files for a finished entry
         builds = e.leftovers(BUILD_SUFFIX)
         tmp = _tmp_sibling(e, BUILD_SUFFIX)
-        if resume and not forced:
-            sources = sorted([p for p in [e.dir, *builds] if p.is_dir()], key=lambda p: p.stat().st_mtime,
-                             reverse=True)
-            for name in resume:
-                src = next((p / name for p in sources if (p / name).exists()), None)
-                if src is not None:
-                    os.replace(src, tmp / name)
-        for stale in builds:
+        for stale in builds:  # under the lock: a dead builder's
             shutil.rmtree(stale, ignore_errors=True)
         try:
             info = build(tmp)
         except BaseException:
-            if resume and any((tmp / name).exists() for name in resume):
-                swap_into_place(tmp, e.dir)  # keep the finished parts for a resume; no done-marker
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
         Entry(e.step, e.key, tmp).commit(**info)
         swap_into_place(tmp, e.dir)

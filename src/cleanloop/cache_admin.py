@@ -4,7 +4,11 @@ The step cache (:mod:`cleanloop.cache`) is ``<paths.cache_dir>/steps/<step>/<key
 here is one ``(step, key)``: its folder plus the temporary siblings a killed build (``.<key>.*.build``)
 or swap (``.<key>.*.old``) left; an entry made only of a killed first build has no folder yet.
 ``steps/images/`` holds the image-scan entries (``bad_images.csv`` per manifest content): entries
-like the others, cheap to rebuild. Nothing else under ``paths.cache_dir`` (``models/``, ``lineage/``,
+like the others, cheap to rebuild. ``steps/oof-fold/`` holds one entry per trained OOF fold (what
+``oof.folds`` jobs compute and a plain ``oof`` assembles); its STATE names the fold (``done, fold 3``,
+``fold r1-3`` in a later ``oof.repeats`` run). Evicting one only means that fold trains again the
+next time an OOF of its config is built; a finished ``oof`` entry does not need its folds.
+Nothing else under ``paths.cache_dir`` (``models/``, ``lineage/``,
 the decoded-image cache ``images/``) is listed or touched.
 
 Times, per entry:
@@ -22,7 +26,7 @@ Times, per entry:
 ``prune`` removes entries not used for ``--older-than`` days (``paths.cache_max_age_days``), then,
 least recently used first, entries until the cache is at most ``--max-gb`` (``paths.cache_max_gb``;
 GB = 10^9 bytes); and always the dead temporary siblings of finished entries. Each removal holds
-the entry's lock (the same ``flock`` on ``<key>.lock`` as :meth:`StepCache.claim`, taken without
+the entry's lock (the same :mod:`cleanloop.locks` lock on ``<key>.lock`` as :meth:`StepCache.claim`, taken without
 waiting: an entry being built or read under its lock is skipped, never waited for), checks the
 entry was not used since the scan, unlinks the done-marker first (from then on no step takes the
 entry as finished), renames the folder to a ``.old`` sibling and deletes that (a kill leaves a
@@ -37,7 +41,6 @@ goes, so ``prune`` reports it apart from the freed bytes.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -50,6 +53,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cleanloop import locks
 from cleanloop.cache import BUILD_SUFFIX, DONE, OLD_SUFFIX
 
 GB = 10**9
@@ -82,6 +86,7 @@ class CacheEntry:
     leftovers: list[Path] = field(default_factory=list)
     leftover_size: int = 0
     busy: bool = False             # its lock is held now: a build (or a claim) is running
+    detail: str = ""               # what the entry is, where its marker says more than its step (a fold's number)
 
     @property
     def lock(self) -> Path:
@@ -90,8 +95,10 @@ class CacheEntry:
     @property
     def state(self) -> str:
         if self.done:
-            return "done, in use" if self.busy else "done"
-        return "building" if self.busy else "unfinished"
+            state = "done, in use" if self.busy else "done"
+        else:
+            state = "building" if self.busy else "unfinished"
+        return f"{state}, {self.detail}" if self.detail else state
 
 
 def _du(paths: list[Path]) -> tuple[int, int, float]:
@@ -127,13 +134,25 @@ def _mtime(path: Path) -> float | None:
         return None
 
 
-def _run_ids(marker: Path) -> list[str]:
+def _marker(marker: Path) -> dict:
     try:
         info = json.loads(marker.read_text())
     except (OSError, ValueError):
-        return []
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _run_ids(info: dict) -> list[str]:
     ids = [info.get("run_id"), *dict(info.get("runs") or {}).values()]
     return list(dict.fromkeys(str(i) for i in ids if i))
+
+
+def _detail(info: dict) -> str:
+    """``fold 3`` (``fold r1-3`` in a later repeat) for an OOF fold entry; empty for the others."""
+    fold, repeat = info.get("fold"), info.get("repeat") or 0
+    if not isinstance(fold, int):
+        return ""
+    return f"fold r{repeat}-{fold}" if repeat else f"fold {fold}"
 
 
 def _leftover_key(name: str) -> str | None:
@@ -159,14 +178,15 @@ def _inspect(step_dir: Path, key: str) -> CacheEntry | None:
     done = marker_time is not None
     built = marker_time if done else newest
     lock_time = _mtime(folder.with_name(key + ".lock")) or 0.0
+    info = _marker(folder / DONE) if done else {}
     return CacheEntry(step=step_dir.name, key=key, dir=folder, done=done, size=size, linked=linked,
-                      built=built, used=max(built, lock_time), run_ids=_run_ids(folder / DONE) if done else [],
-                      leftovers=leftovers, leftover_size=left_size)
+                      built=built, used=max(built, lock_time), run_ids=_run_ids(info),
+                      leftovers=leftovers, leftover_size=left_size, detail=_detail(info))
 
 
 @contextmanager
 def _try_lock(lock_path: Path, *, create: bool) -> Iterator[bool]:
-    """Hold ``lock_path``'s flock if it is free (True), without waiting and without touching its mtime."""
+    """Hold ``lock_path``'s lock if it is free (True), without waiting and without touching its mtime."""
     try:
         if create:
             try:  # a lock file prune creates is dated 1970: it marks no use of the entry
@@ -182,15 +202,13 @@ def _try_lock(lock_path: Path, *, create: bool) -> Iterator[bool]:
     except PermissionError:
         fd = os.open(lock_path, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not locks.lock(fd, blocking=False):
             yield False
             return
         try:
             yield True
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            locks.unlock(fd)
     finally:
         os.close(fd)
 

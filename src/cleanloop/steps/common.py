@@ -143,8 +143,7 @@ def find_entry(cfg: DictConfig, step: str, step_parts, m: Manifest | None = None
 
 
 def cached(cfg: DictConfig, step: str, key: str, build: Callable[[Path], dict], *, publish_to: Path,
-           names: list[str], m: Manifest | None = None, lineage: dict | None = None,
-           resume: tuple[str, ...] = ()) -> dict:
+           names: list[str], m: Manifest | None = None, lineage: dict | None = None) -> dict:
     """Build a step's outputs into its cache entry, or reuse the entry; then publish them to ``publish_to``.
 
     ``key``: the step's own key, to which the common parts are added (:func:`entry_key`); or, with
@@ -153,7 +152,6 @@ def cached(cfg: DictConfig, step: str, key: str, build: Callable[[Path], dict], 
     adds ``key``, ``reused`` and ``dir``. The key's parts go to the entry and the run
     (``lineage.json``); a reused entry whose run is not in this MLflow store (experiment) is
     logged there as a new short run (:func:`cleanloop.runstore.ensure_run`), whose id is returned.
-    ``resume``: parts of an unfinished build a new one takes over (never with paths.reuse_steps=false).
     """
     from cleanloop.lineage import LINEAGE_FILE, explain
     from cleanloop.runstore import ensure_run, run_record
@@ -176,7 +174,7 @@ def cached(cfg: DictConfig, step: str, key: str, build: Callable[[Path], dict], 
                 write_json(out_dir / LINEAGE_FILE, lineage)
                 return {**built, "lineage": lineage, **run_record(cfg, built.get("run_id"), out_dir, lineage)}
 
-            info = cache.rebuild(entry, build_and_record, resume=resume, forced=not reuse)
+            info = cache.rebuild(entry, build_and_record)
             reused = False
         publish(entry.dir, publish_to, names)
     info = {k: v for k, v in info.items() if k not in ("run", "runs")}

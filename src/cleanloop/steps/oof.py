@@ -1,9 +1,16 @@
 """``cleanloop oof``: out-of-sample probabilities for every train row.
 
 ``oof=kfold`` (default): grouped, stratified folds; each fold trains the recipe on the other
-folds and predicts the held-out one. Finished folds are kept in the cache entry's ``folds/``
-under its key, so a re-run of an unfinished entry resumes at the first unfinished fold
-(``paths.reuse_steps=false`` retrains them all).
+folds and predicts the held-out one. Each fold is a cache entry of its own (step ``oof-fold``,
+keyed by the OOF's parts and the fold number), claimed and finished apart from the others:
+
+- a killed or failed run leaves its finished folds, and the next run reuses them (a resume);
+- ``oof.folds=[i,...]`` computes only those folds (one job of many: a SLURM array, a joblib
+  sweep), logs which folds are done and which are missing, and writes no ``oof_probs.parquet``;
+- a plain ``oof`` reuses every finished fold, trains the missing ones and assembles the file,
+  the same as one process would (each fold's training is seeded by ``recipe.seed`` alone);
+  ``oof.merge=true`` only assembles, and names the missing folds otherwise;
+- ``paths.reuse_steps=false`` retrains every fold it touches.
 ``oof=embed``: frozen-backbone embeddings once, a logistic-regression head per fold: the same
 folds and file for a fraction of the cost, when the backbone is pretrained.
 ``oof=insample``: score the train rows with an existing model, as the team's first pass did
@@ -14,21 +21,24 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, open_dict
 
+from cleanloop import lineage as lineage_mod
 from cleanloop.config import file_hash
 from cleanloop.errors import CleanloopError
 from cleanloop.folds import FoldGroups, assign_folds, fold_groups
+from cleanloop.io import write_json
 from cleanloop.metrics import classification_metrics
 from cleanloop.model import Classifier, backbone_from_config
-from cleanloop.oof_file import EMBEDDING_FILES, oof_frame, read_meta, write_embeddings, write_oof
-from cleanloop.steps.common import cached, entry_key, load_input, out_path
+from cleanloop.oof_file import EMBEDDING_FILES, oof_frame, write_embeddings, write_oof
+from cleanloop.steps.common import cached, entry_key, load_input, out_path, step_cache
 from cleanloop.steps.locate import (  # noqa: F401
     audit_fold_groups,
     checkpoint_identity,
@@ -45,17 +55,111 @@ from cleanloop.training import fit_predict, predict, recipe_hash
 log = logging.getLogger(__name__)
 
 
+FOLD_STEP = "oof-fold"  # the fold entries' step folder: <paths.cache_dir>/steps/oof-fold/<key>/
+FOLD_FILE = "fold.parquet"  # in a fold entry: image_uuid and one probability column per class, held-out rows
+
+
 def _save_fold(path: Path, uuids: list[str], probs: np.ndarray, *, key: str, fold: int) -> None:
     df = pd.DataFrame(probs, columns=[f"p{i}" for i in range(probs.shape[1])])
     df.insert(0, "image_uuid", uuids)
     write_oof(path, df, classes=[], key=key, fold=fold)
 
 
-def _load_fold(path: Path, *, key: str) -> tuple[list[str], np.ndarray] | None:
-    if not path.is_file() or read_meta(path).get("key") != key:
-        return None  # absent, or made with other data / config: train it again
+def _load_fold(path: Path) -> tuple[list[str], np.ndarray]:
     df = pd.read_parquet(path)
     return df["image_uuid"].tolist(), df.drop(columns="image_uuid").to_numpy()
+
+
+@dataclass(frozen=True)
+class FoldJob:
+    """One fold of one k-fold repeat: what trains it and the cache entry that keeps it."""
+
+    repeat: int
+    fold: int
+    cfg: DictConfig  # the repeat's config (oof.seed + r, recipe.seed + r)
+    key: str         # the fold entry's key
+    lineage: dict    # its lineage record (lineage.json)
+
+    @property
+    def tag(self) -> str:  # "" in the first repeat, "r1-" in the second...
+        return f"r{self.repeat}-" if self.repeat else ""
+
+    @property
+    def name(self) -> str:  # run names and fold_runs: "3", or "r1-3" in a later repeat
+        return f"{self.tag}{self.fold}"
+
+
+def _fold_jobs(cfg: DictConfig, record: dict, manifest_hash: str, classes: list[str], *, own_groups: bool,
+               merged: Path | None) -> list[FoldJob]:
+    """Every fold of every repeat, keyed by the OOF entry's env and images parts and a step part of its own.
+
+    A fold's step part is the OOF's (data, classes, recipe with seed, n_folds, oof.seed, groups) as
+    its repeat sets them, less ``repeats``, plus the fold number: what its training and its held-out
+    rows depend on, and nothing else. So repeat 0 of ``oof.repeats=3`` reuses the folds of
+    ``oof.repeats=1``, and the folds a job computed are the ones any other process would.
+    """
+    repeats = max(1, int(cfg.oof.get("repeats", 1)))
+    jobs = []
+    for r in range(repeats):
+        rcfg = cfg
+        if r:
+            rcfg = cfg.copy()
+            with open_dict(rcfg):
+                rcfg.oof.seed = int(cfg.oof.seed) + r
+                rcfg.recipe.seed = int(cfg.recipe.seed) + r
+        parts = oof_parts(rcfg, manifest_hash, classes, own_groups=own_groups, merged_groups=merged)
+        parts.pop("repeats", None)
+        for k in range(int(cfg.oof.n_folds)):
+            key, rec = lineage_mod.key(FOLD_STEP, {**record["parts"], "step": {**parts, "fold": k}},
+                                       manifest=record.get("manifest"))
+            jobs.append(FoldJob(r, k, rcfg, key, rec))
+    return jobs
+
+
+def _fold_selection(cfg: DictConfig) -> tuple[list[int] | None, bool]:
+    """``oof.folds`` as sorted fold numbers (None: all) and ``oof.merge``; a bad choice is one clear line."""
+    folds, merge = cfg.oof.get("folds"), bool(cfg.oof.get("merge", False))
+    if folds is None and not merge:
+        return None, False
+    given = f"oof.folds={_as_override(folds)}" if folds is not None else "oof.merge=true"
+    if cfg.oof.method != "kfold":
+        raise CleanloopError(f"{given}: fold jobs and merging split oof=kfold's trainings; oof={cfg.oof.method} "
+                             "makes no per-fold models (drop it, or use oof=kfold)")
+    if folds is not None and merge:
+        raise CleanloopError(f"{given} with oof.merge=true: choose one (fold jobs compute folds, the merge "
+                             "assembles them)")
+    if merge:
+        if not bool(cfg.paths.get("reuse_steps", True)):
+            raise CleanloopError("oof.merge=true with paths.reuse_steps=false: the merge only assembles finished "
+                                 "folds and reuse_steps=false retrains them all; drop one of the two")
+        return None, True
+    n = int(cfg.oof.n_folds)
+    items = list(folds) if isinstance(folds, ListConfig | list | tuple) else [folds]
+    if not items:
+        raise CleanloopError(f"{given}: name at least one fold (0 to {n - 1}), or drop oof.folds to compute them all")
+    bad = [i for i in items if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+    if bad:
+        raise CleanloopError(f"{given}: {', '.join(map(str, bad))} not a fold; folds are numbered 0 to {n - 1} "
+                             f"(oof.n_folds={n}), as in the `fold` column of oof_probs.parquet")
+    return sorted(set(items)), False
+
+
+def _as_override(folds) -> str:
+    items = list(folds) if isinstance(folds, ListConfig | list | tuple) else [folds]
+    return "[" + ",".join(str(i) for i in items) + "]"
+
+
+def _missing_folds(cfg: DictConfig, jobs: list[FoldJob]) -> list[int]:
+    """Fold numbers with an unfinished entry in some repeat (a fold job computes a fold in every repeat)."""
+    cache = step_cache(cfg)
+    return sorted({j.fold for j in jobs if cache.find(FOLD_STEP, j.key) is None})
+
+
+def _missing_error(cfg: DictConfig, missing: list[int], key: str) -> CleanloopError:
+    return CleanloopError(
+        f"oof.merge=true: fold(s) {', '.join(map(str, missing))} of 0-{int(cfg.oof.n_folds) - 1} not computed yet for "
+        f"this config (oof key {key}); compute them with `cleanloop oof oof.folds={_as_override(missing)}` and the "
+        "same overrides, or run `cleanloop oof` without oof.merge to train them here")
 
 
 def _heldout_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
@@ -129,56 +233,89 @@ def _embed(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: li
     return probs, folds, list(emb_ids), emb
 
 
-def _kfold(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: list[str], key: str,
-           out_dir: Path, plan: FoldGroups, *, reuse_folds: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Train each fold, or take a finished one of this key from ``out_dir/folds`` (an earlier build of
-    this entry that did not finish; never with ``reuse_folds=False``, i.e. paths.reuse_steps=false)."""
-    repeats = max(1, int(cfg.oof.get("repeats", 1)))
-    if repeats == 1:
-        return _kfold_once(cfg, train, labels, classes, key, out_dir, plan, reuse_folds=reuse_folds)
-    # oof.repeats: R k-fold runs, each with its own fold shuffle (oof.seed + r) and training seed
-    # (recipe.seed + r), averaged per row; the file's `fold` column is the first run's.
-    runs = []
+def _kfold(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: list[str], jobs: list[FoldJob],
+           plan: FoldGroups, *, forced: bool, may_train: bool = True, key: str = ""
+           ) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """Every fold of ``jobs``: its finished entry, else trained into it (never reused with ``forced``, i.e.
+    paths.reuse_steps=false); then the OOF probabilities, the first repeat's fold column and the fold
+    run ids. ``may_train=False`` (oof.merge): a missing fold is an error naming it.
+
+    oof.repeats: R k-fold runs, each with its own fold shuffle (oof.seed + r) and training seed
+    (recipe.seed + r), averaged per row; the file's ``fold`` column is the first run's.
+    """
+    repeats = 1 + max(j.repeat for j in jobs)
+    if forced:  # every fold's old marker goes first, as the OOF entry's does: a run killed half-way leaves
+        cache = step_cache(cfg)  # its new folds and no old one, so the next run trains the rest anew
+        for job in jobs:
+            with cache.claim(FOLD_STEP, job.key) as entry:
+                entry.unmark()
+    runs, run_ids = [], {}
     for r in range(repeats):
-        rcfg = cfg.copy()
-        with open_dict(rcfg):
-            rcfg.oof.seed = int(cfg.oof.seed) + r
-            rcfg.recipe.seed = int(cfg.recipe.seed) + r
-        log.info("oof: repeat %d/%d (oof.seed=%d, recipe.seed=%d)", r + 1, repeats, rcfg.oof.seed, rcfg.recipe.seed)
-        runs.append(_kfold_once(rcfg, train, labels, classes, key, out_dir, plan, reuse_folds=reuse_folds,
-                                tag=f"r{r}-" if r else ""))
-    return np.mean([p for p, _ in runs], axis=0).astype(np.float32), runs[0][1]
+        mine = [j for j in jobs if j.repeat == r]
+        rcfg = mine[0].cfg
+        if repeats > 1:
+            log.info("oof: repeat %d/%d (oof.seed=%d, recipe.seed=%d)", r + 1, repeats, rcfg.oof.seed,
+                     rcfg.recipe.seed)
+        folds = _folds(rcfg, train, labels, plan)
+        probs = np.zeros((len(train), len(classes)), dtype=np.float32)
+        for job in mine:
+            held = folds == job.fold
+            found = _fold(job, train, labels, classes, held, forced=forced, may_train=may_train)
+            if found is None:  # oof.merge, and the fold's entry went since the check (evicted meanwhile)
+                raise _missing_error(cfg, [job.fold], key)
+            probs[held], run_ids[job.name] = found
+        runs.append((probs, folds))
+    if repeats == 1:
+        return runs[0][0], runs[0][1], run_ids
+    return np.mean([p for p, _ in runs], axis=0).astype(np.float32), runs[0][1], run_ids
 
 
-def _kfold_once(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: list[str], key: str,
-                out_dir: Path, plan: FoldGroups, *, reuse_folds: bool = True, tag: str = ""
-                ) -> tuple[np.ndarray, np.ndarray]:
-    n_folds = cfg.oof.n_folds
-    folds = _folds(cfg, train, labels, plan)
-    probs = np.zeros((len(train), len(classes)), dtype=np.float32)
-    for k in range(n_folds):
-        held = folds == k
-        fold_path = out_dir / "folds" / f"fold-{tag}{k}.parquet"
-        saved = _load_fold(fold_path, key=key) if reuse_folds else None
-        if saved is not None:
-            log.info("oof: fold %d/%d reused from %s (key %s)", k + 1, n_folds, fold_path, key)
+def _fold(job: FoldJob, train: pd.DataFrame, labels: np.ndarray, classes: list[str], held: np.ndarray, *,
+          forced: bool, may_train: bool = True) -> tuple[np.ndarray, str] | None:
+    """One fold's held-out probabilities and run id from its entry, trained into it first when not finished
+    (or ``forced``); None when it is not finished and ``may_train`` is off.
+
+    The entry is claimed (its file lock held) meanwhile, so two processes never train one fold: the
+    second waits, then reuses it.
+    """
+    cfg, k, n_folds = job.cfg, job.fold, int(job.cfg.oof.n_folds)
+    cache = step_cache(cfg)
+    with cache.claim(FOLD_STEP, job.key) as entry:
+        if entry.done and not forced:
+            info = entry.info
+            log.info("oof: fold %d/%d reused (fold entry %s, run %s)", k + 1, n_folds, job.key, info.get("run_id"))
+        elif not may_train:
+            return None
         else:
-            t0 = time.time()
-            with mlflow.start_run(run_name=f"oof-fold-{tag}{k}", nested=True,
-                                  tags={"cleanloop.step": "oof-fold", "cleanloop.fold": str(k)}):
-                _, preds = fit_predict(cfg, classes, train[~held], predict_frames={"heldout": train[held]},
-                                       log_prefix=f"[fold {tag}{k + 1}/{n_folds}] ")
-                saved = preds["heldout"].uuids, preds["heldout"].probs
-                metrics = _heldout_metrics(labels[held], saved[1], classes)
-                mlflow.log_metrics({f"heldout/{m}": v for m, v in metrics.items()})
-                mlflow.log_metrics({"heldout/n_rows": int(held.sum()), "train/n_rows": int((~held).sum())})
-            _save_fold(fold_path, *saved, key=key, fold=k)
-            log.info("oof: fold %d/%d trained in %.1fs, held-out top1 (vs given labels) %.3f",
-                     k + 1, n_folds, time.time() - t0, metrics["top1"])
-        if list(saved[0]) != train["image_uuid"][held].tolist():
-            raise CleanloopError(f"{fold_path}: rows differ from fold {k}; delete {out_dir / 'folds'} and re-run")
-        probs[held] = saved[1]
-    return probs, folds
+            def build(out_dir: Path) -> dict:
+                t0 = time.time()
+                with mlflow.start_run(run_name=f"oof-fold-{job.name}", nested=True,
+                                      tags={"cleanloop.step": "oof-fold", "cleanloop.fold": str(k),
+                                            "cleanloop.fold_key": job.key}) as run:
+                    _, preds = fit_predict(cfg, classes, train[~held], predict_frames={"heldout": train[held]},
+                                           log_prefix=f"[fold {job.tag}{k + 1}/{n_folds}] ")
+                    uuids, probs = preds["heldout"].uuids, preds["heldout"].probs
+                    metrics = _heldout_metrics(labels[held], probs, classes)
+                    mlflow.log_metrics({f"heldout/{m}": v for m, v in metrics.items()})
+                    mlflow.log_metrics({"heldout/n_rows": int(held.sum()), "train/n_rows": int((~held).sum())})
+                    mlflow.log_dict(job.lineage, lineage_mod.LINEAGE_FILE)
+                _save_fold(out_dir / FOLD_FILE, uuids, probs, key=job.key, fold=k)
+                write_json(out_dir / lineage_mod.LINEAGE_FILE, job.lineage)
+                return {"run_id": run.info.run_id, "fold": k, "repeat": job.repeat, "n_folds": n_folds,
+                        "seconds": round(time.time() - t0, 1), "heldout": metrics, "lineage": job.lineage}
+
+            info = cache.rebuild(entry, build)  # marked done, then logged: a kill after the line keeps the fold
+            log.info("oof: fold %d/%d trained in %.1fs, held-out top1 (vs given labels) %.3f", k + 1, n_folds,
+                     info["seconds"], info["heldout"]["top1"])
+        uuids, probs = _load_fold(entry.dir / FOLD_FILE)
+    if list(uuids) != train["image_uuid"][held].tolist():
+        raise CleanloopError(f"{entry.dir}: rows differ from fold {k} of this manifest; remove that folder and re-run")
+    return probs, str(info.get("run_id") or "")
+
+
+def _fold_status(cfg: DictConfig, jobs: list[FoldJob]) -> tuple[list[int], list[int]]:
+    missing = _missing_folds(cfg, jobs)
+    return [k for k in range(int(cfg.oof.n_folds)) if k not in missing], missing
 
 
 def _backbone_embeddings(cfg: DictConfig, train: pd.DataFrame, classes: list[str]) -> tuple[list[str], np.ndarray]:
@@ -213,10 +350,17 @@ def _load_checkpoint(cfg: DictConfig, classes: list[str]) -> Classifier:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Write ``oof/oof_probs.parquet`` (cached by key); returns its path, the run id and the OOF figures."""
+    """Write ``oof/oof_probs.parquet`` (cached by key); returns its path, the run id and the OOF figures.
+
+    With ``oof.folds=[i,...]``: compute those folds only (:func:`_fold_job`); no file is written.
+    """
     method = cfg.oof.method
     if method not in ("kfold", "embed", "insample"):
         raise CleanloopError(f"oof.method={method!r}: choose oof=kfold, oof=embed or oof=insample")
+    selected, merge_only = _fold_selection(cfg)
+    if selected is not None and cfg.get("step") == "cycle":
+        raise CleanloopError(f"oof.folds={_as_override(selected)}: a cycle needs every fold; compute folds with "
+                             "`cleanloop oof oof.folds=[...]`, then run `cleanloop cycle` without oof.folds")
     makes_folds = method != "insample"
     m = load_input(cfg, min_train_per_class=cfg.oof.n_folds if makes_folds else None, groups=makes_folds)
     train, classes = m.train.reset_index(drop=True), m.classes
@@ -229,11 +373,21 @@ def run(cfg: DictConfig) -> dict:
                     "groups only; run `cleanloop audit` first (cycle does) or set audit.merge_groups=false")
     plan = _fold_groups(cfg, train, merged) if makes_folds else None
     folds_made = plan.description if plan is not None else "none (in-sample)"
-    parts = oof_parts(cfg, manifest_hash, classes, own_groups=bool(plan and plan.n_own), merged_groups=merged)
+    own = bool(plan and plan.n_own)
+    parts = oof_parts(cfg, manifest_hash, classes, own_groups=own, merged_groups=merged)
     key, lineage = entry_key(cfg, "oof", parts, m)
     tags = {"cleanloop.oof": method, "cleanloop.data": manifest_hash, "cleanloop.recipe": recipe_hash(cfg),
             "cleanloop.oof_key": key, "cleanloop.in_sample": str(method == "insample").lower(),
             "cleanloop.folds": folds_made}
+    forced = not bool(cfg.paths.get("reuse_steps", True))
+    jobs = _fold_jobs(cfg, lineage, manifest_hash, classes, own_groups=own, merged=merged) if method == "kfold" else []
+    if selected is not None:
+        return _fold_job(cfg, train, labels, classes, [j for j in jobs if j.fold in selected], jobs, plan, key, tags,
+                         forced=forced)
+    if merge_only and step_cache(cfg).find("oof", key) is None:
+        missing = _missing_folds(cfg, jobs)
+        if missing:
+            raise _missing_error(cfg, missing, key)
 
     def build(out_dir: Path) -> dict:
         t0 = time.time()
@@ -241,9 +395,12 @@ def run(cfg: DictConfig) -> dict:
         with step_run(cfg, "oof", run_name=f"oof-{method}", tags=tags) as run:
             log_dataset(train, m.source, name=manifest_dataset_name("input", m.source), context="train",
                         digest=manifest_hash)
+            built = {}
             if method == "kfold":
-                probs, folds = _kfold(cfg, train, labels, classes, key, out_dir, plan,
-                                      reuse_folds=bool(cfg.paths.get("reuse_steps", True)))
+                probs, folds, fold_runs = _kfold(cfg, train, labels, classes, jobs, plan, forced=forced,
+                                                 may_train=not merge_only, key=key)
+                mlflow.set_tag("cleanloop.fold_runs", ",".join(f"{n}:{r}" for n, r in fold_runs.items()))
+                built["fold_entries"] = [j.key for j in jobs]
                 emb_ids, emb = _backbone_embeddings(cfg, train, classes)
             elif method == "embed":
                 if cfg.oof.get("checkpoint"):
@@ -270,8 +427,36 @@ def run(cfg: DictConfig) -> dict:
         log.info("oof: wrote %d rows x %d classes in %.1fs; OOF top1 %.3f, balanced accuracy %.3f (vs given "
                  "labels; run %s)", len(train), len(classes), time.time() - t0, overall["top1"],
                  overall["balanced_accuracy"], run.info.run_id)
-        return {"run_id": run.info.run_id, **overall}
+        return {"run_id": run.info.run_id, **overall, **built}
 
     info = cached(cfg, "oof", key, build, publish_to=out_path(cfg, "oof"),
-                  names=["oof_probs.parquet", *EMBEDDING_FILES], lineage=lineage, resume=("folds",))
+                  names=["oof_probs.parquet", *EMBEDDING_FILES], lineage=lineage)
     return {**info, "path": str(out_path(cfg, "oof", "oof_probs.parquet"))}
+
+
+def _fold_job(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: list[str], mine: list[FoldJob],
+              jobs: list[FoldJob], plan: FoldGroups, key: str, tags: dict, *, forced: bool) -> dict:
+    """``oof.folds=[i,...]``: train (or find) those folds' entries, in every repeat, under one ``oof`` run; then
+    say which folds of this config are done and which are missing. Writes no oof_probs.parquet."""
+    selected = sorted({j.fold for j in mine})
+    given = f"oof.folds={_as_override(selected)}"
+    t0 = time.time()
+    with step_run(cfg, "oof", run_name=f"oof-kfold-folds-{'-'.join(map(str, selected))}",
+                  tags={**tags, "cleanloop.oof_folds": _as_override(selected)}) as run:
+        _, _, fold_runs = _kfold(cfg, train, labels, classes, mine, plan, forced=forced)
+        mlflow.set_tag("cleanloop.fold_runs", ",".join(f"{n}:{r}" for n, r in fold_runs.items()))
+        done, missing = _fold_status(cfg, jobs)
+        mlflow.log_metrics({"oof/folds_done": len(done), "oof/folds_missing": len(missing)})
+    n = int(cfg.oof.n_folds)
+    log.info("oof: %s: fold(s) %s ready in %.1fs (oof key %s); of folds 0-%d, done: %s; missing: %s",
+             given, ", ".join(map(str, selected)), time.time() - t0, key, n - 1,
+             ", ".join(map(str, done)) or "none", ", ".join(map(str, missing)) or "none")
+    if missing:
+        log.info("oof: %s writes no oof_probs.parquet; once fold(s) %s are computed (`cleanloop oof oof.folds=%s`, same "
+                 "overrides), `cleanloop oof oof.merge=true` assembles it, or a plain `cleanloop oof` trains the "
+                 "missing folds and assembles it", given, ", ".join(map(str, missing)), _as_override(missing))
+    else:
+        log.info("oof: %s writes no oof_probs.parquet; every fold is done: `cleanloop oof` (or oof.merge=true) now "
+                 "only assembles it", given)
+    return {"run_id": run.info.run_id, "key": key, "folds": selected, "done": done, "missing": missing,
+            "reused": False, "path": None}
