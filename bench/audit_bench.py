@@ -3,17 +3,22 @@
 Demo part: build the demo (scikit-learn's digits as 32-px PNGs, ``cleanloop.demo.build_demo``),
 then inject copies of train images into test (cross-split leaks) and into train (some under
 another label: conflicting-label copies), each an exact byte copy, resized, JPEG re-compressed or
-lightly cropped, and flip a few test labels (recorded for the test-label flagging; not measured
-here). ``cleanloop.audit.find_duplicates`` runs on the whole manifest at its defaults and its pairs
+lightly cropped, and flip a few test labels. ``cleanloop.audit.find_duplicates`` runs on the whole manifest at its defaults and its pairs
 are scored against what was injected. A sweep of its two thresholds (perceptual-hash distance of a
 candidate, pixel NCC of a confirmed pair) scores every setting from the same candidates.
+
+Test-label part (not with --quick unless asked for with ``--part test-labels``): on the same
+injected data, ``cleanloop train role=baseline`` for ``--test-seeds`` seeds, then ``cleanloop flag
+flag.split=test`` (the test rows scored by those baselines), each through the CLI in a subprocess
+at the project's defaults (model=cnn): how many of the flipped test labels are among the flagged
+test rows (issue #15's bar: at least 80%), and how many other test rows are flagged.
 
 Scale part: ``cleanloop.audit.embedding_near_pairs`` on N random D-dim embeddings with planted
 near copies (cosine just above the threshold up to 0.999) and decoys just below it: wall and CPU
 time, peak memory, recall of the planted pairs, decoys linked.
 
-    python bench/audit_bench.py [--quick] [--part all|demo|scale] [--n 121514] [--d 1152]
-                                [--data DIR] [--out JSON]
+    python bench/audit_bench.py [--quick] [--part all|demo|test-labels|scale] [--n 121514] [--d 1152]
+                                [--test-seeds 3] [--data DIR] [--out JSON]
 
 The recorded run (bench/results/b8-audit.json and .log) was
 ``OPENBLAS_NUM_THREADS=1 nice -n 19 python bench/audit_bench.py`` on the project's 2-core machine
@@ -301,6 +306,53 @@ def demo_part(data: Path, *, seed: int, quick: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# test-label errors: the baseline's flags on the test rows
+
+
+def _cli(args: list[str], cwd: Path) -> tuple[float, str]:
+    """Run the `cleanloop` console script beside this interpreter; (seconds, stdout). A failure raises."""
+    exe = Path(sys.executable).with_name("cleanloop")
+    start = time.perf_counter()
+    proc = subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"cleanloop {' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start, proc.stdout
+
+
+def label_error_part(data: Path, *, seed: int, quick: bool, n_seeds: int) -> dict:
+    """Train the baseline(s) on the injected data and flag its test rows; score the flags against
+    the flipped test labels of injected.csv (building the data first when ``data`` has none)."""
+    if not (data / "injected.csv").is_file():
+        build(data, seed=seed, quick=quick)
+    injected = pd.read_csv(data / "injected.csv", dtype=str, keep_default_na=False)
+    errors = set(injected.loc[injected["kind"] == "test_label_error", "image_uuid"])
+    relabelled_copies = set(injected.loc[(injected["kind"] == "cross_split_copy")
+                                         & (injected["label"] != injected["source_label"]), "image_uuid"])
+    with tempfile.TemporaryDirectory(prefix="cleanloop-b8-test-labels-") as tmp:
+        root = Path(tmp)
+        common = ["data=manifest", f"data.manifest={data / 'manifest.csv'}", "data.name=b8",
+                  f"paths.root_dir={root}", f"compare.seeds={n_seeds}"]
+        train_seconds = [round(_cli(["train", "role=baseline", f"recipe.seed={seed + s}", *common], root)[0], 1)
+                         for s in range(n_seeds)]
+        flag_seconds, _ = _cli(["flag", "flag.split=test", f"recipe.seed={seed}", *common], root)
+        table = pd.read_csv(root / "outputs" / "b8" / "flag" / "test_label_issues.csv", dtype={"image_uuid": str})
+        summary = json.loads((root / "outputs" / "b8" / "flag" / "test_flag_summary.json").read_text())
+    flagged = set(table.loc[table["is_label_issue"].astype(bool), "image_uuid"])
+    found = len(errors & flagged)
+    return {
+        "test_rows": len(table), "seeds": n_seeds, "models_averaged": summary["n_models"],
+        "injected_errors": len(errors), "errors_flagged": found,
+        "errors_flagged_fraction": found / len(errors) if errors else 0.0,
+        "meets_bar": bool(errors) and found / len(errors) >= 0.8,
+        "flagged": len(flagged), "other_flagged": len(flagged - errors - relabelled_copies),
+        "relabelled_copies_flagged": [len(relabelled_copies & flagged), len(relabelled_copies)],
+        "precision": found / len(flagged) if flagged else 0.0,
+        "train_seconds": train_seconds, "flag_seconds": round(flag_seconds, 1),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # the embedding search at scale
 
 
@@ -438,6 +490,24 @@ def markdown(result: dict) -> str:
                 f"{_fmt(r['cross_split_precision'])} | {r['cross_split_natural']} / {r['cross_split_false']} | "
                 f"{_fmt(r['train_recall'])} | {r['conflicting_label_copies_found'][0]} / "
                 f"{r['conflicting_label_copies_found'][1]} | {r['pairs_false']} ({r['pairs_false_cross_label']}) |")
+    t = result.get("test_labels")
+    if t:
+        lines += [
+            "",
+            f"Test-label errors: `cleanloop train role=baseline` on the injected data ({t['seeds']} seed(s), the "
+            f"defaults: model=cnn; {', '.join(f'{x} s' for x in t['train_seconds'])}), then `cleanloop flag "
+            f"flag.split=test` ({t['flag_seconds']} s, the {t['models_averaged']} baselines' test probabilities "
+            f"averaged) on the {t['test_rows']} test rows:",
+            "",
+            "| measure | value |",
+            "|---|---:|",
+            f"| flipped test labels among the flagged test rows (bar: >= 0.8) | {t['errors_flagged']} / "
+            f"{t['injected_errors']} ({_fmt(t['errors_flagged_fraction'])}) |",
+            f"| test rows flagged; of them flipped (precision) | {t['flagged']}; {_fmt(t['precision'])} |",
+            f"| cross-split copies under another label flagged | {t['relabelled_copies_flagged'][0]} / "
+            f"{t['relabelled_copies_flagged'][1]} |",
+            f"| other test rows flagged | {t['other_flagged']} |",
+        ]
     s = result.get("scale")
     if s:
         lines += [
@@ -468,10 +538,12 @@ def _blas_threads() -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke test: a few hundred rows, a small embedding set")
-    p.add_argument("--part", choices=("all", "demo", "scale"), default="all")
+    p.add_argument("--part", choices=("all", "demo", "test-labels", "scale"), default="all")
     p.add_argument("--n", type=int, default=None, help="embedding rows (default 121,514; 12,000 with --quick)")
     p.add_argument("--d", type=int, default=None, help="embedding dimensions (default 1,152; 256 with --quick)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-seeds", type=int, default=3, help="baseline seeds the test-label part trains (cycle's "
+                   "default for model=cnn)")
     p.add_argument("--data", type=Path, default=None, help="keep the injected dataset in this folder")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
@@ -489,12 +561,13 @@ def main(argv: list[str] | None = None) -> dict:
                    f"load average {os.getloadavg()[0]:.1f} at the start",
         "argv": sys.argv[1:] if argv is None else argv,
     }
-    if a.part in ("all", "demo"):
-        if a.data is not None:
-            result["demo"] = demo_part(a.data, seed=a.seed, quick=a.quick)
-        else:
-            with tempfile.TemporaryDirectory(prefix="cleanloop-b8-audit-") as tmp:
-                result["demo"] = demo_part(Path(tmp) / "data", seed=a.seed, quick=a.quick)
+    test_labels = a.part == "test-labels" or (a.part == "all" and not a.quick)  # trains models: minutes
+    with tempfile.TemporaryDirectory(prefix="cleanloop-b8-audit-") as tmp:
+        data = a.data if a.data is not None else Path(tmp) / "data"
+        if a.part in ("all", "demo"):
+            result["demo"] = demo_part(data, seed=a.seed, quick=a.quick)
+        if test_labels:
+            result["test_labels"] = label_error_part(data, seed=a.seed, quick=a.quick, n_seeds=a.test_seeds)
     if a.part in ("all", "scale"):
         result["scale"] = scale_part(n, d, seed=a.seed, n_planted=200 if a.quick else 3_000,
                                      n_base=min(n, 4_000 if a.quick else 16_384))

@@ -128,6 +128,9 @@ def test_cycle_on_demo_end_to_end(demo_cycle, demo_dir):
     assert "balanced accuracy" in r.stdout and "recall moved most" in r.stdout and "mislabel_candidates.png" in r.stdout
     # the audit ran first: at the B8 defaults the demo's digits hold one natural look-alike pair, no leak
     assert "  audit     1 duplicate pairs (0 exact), 0 train<->test/val leaks" in r.stdout
+    # the test rows, scored by the three baselines: the demo's test labels are clean, so few flags
+    test_line = next(line for line in r.stdout.splitlines() if line.startswith("  test      "))
+    assert test_line.endswith("flag/test_label_issues.csv") and "test rows flagged (" in test_line
     summary = json.loads((tmp_path / "outputs" / "demo" / "summary.json").read_text())
     gt = summary["flag"]["ground_truth"]
     assert gt["precision"] >= 0.80 and gt["recall"] >= 0.70 and gt["garbage_found"] == gt["n_garbage"] == 12
@@ -135,6 +138,8 @@ def test_cycle_on_demo_end_to_end(demo_cycle, demo_dir):
     assert summary["baseline"]["top1"] >= 0.90
     # the verdict over three seed pairs: helped, and the three most-noised classes' recalls up
     assert summary["seeds"] == [0, 1, 2] and summary["verdict"]["verdict"] == "helped"
+    tf = summary["test_flag"]
+    assert tf["n_models"] == 3 and tf["n_rows"] == summary["n_test"] and tf["issue_rate"] <= 0.05
     assert "verdict   HELPED: balanced accuracy" in r.stdout
     truth = pd.read_csv(demo_dir / "ground_truth.csv")
     manifest = pd.read_csv(demo_dir / "manifest.csv").merge(truth, on="image_uuid")
@@ -150,7 +155,8 @@ def test_cycle_on_demo_end_to_end(demo_cycle, demo_dir):
     cycle = runs[runs["tags.cleanloop.step"] == "cycle"]
     assert len(cycle) == 1
     children = runs[runs["tags.mlflow.parentRunId"] == cycle.iloc[0]["run_id"]]
-    assert sorted(children["tags.cleanloop.step"]) == ["audit", "compare", "flag", "oof", "prune", "review", *["train"] * 6]
+    assert sorted(children["tags.cleanloop.step"]) == ["audit", "compare", "flag", "flag-test", "oof", "prune", "review",
+                                                          *["train"] * 6]
     oof_id = children[children["tags.cleanloop.step"] == "oof"].iloc[0]["run_id"]
     assert (runs["tags.mlflow.parentRunId"] == oof_id).sum() == 5
     trains = children[children["tags.cleanloop.step"] == "train"]

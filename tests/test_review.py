@@ -531,3 +531,77 @@ def test_logged_page_embeds_only_the_first_rows_past_its_size_cap(browser, tmp_p
         ["thumbnail not embedded in this copy"] * 4
     assert len(settled_images(tab)) == 2
     ctx.close()
+
+
+@needs_browser
+def test_review_shows_conflicting_copies_and_a_test_tab_in_one_export(browser, store, tmp_path):
+    """Issue 15: conflicting-label copies as an issue kind (the audit's, in label_issues.csv and on the
+    page), and the flagged test rows in a tab of their own, exported with the train rows' decisions."""
+    import shutil
+
+    from cleanloop.steps import audit, compare
+    from cleanloop.steps.train import probs_frame
+
+    from conftest import tiny_rows
+
+    classes = ["bright", "dark", "mid"]
+    rows = tiny_rows(tmp_path)
+    rows.loc[rows["image_uuid"] == "mid-6", "label"] = "bright"  # a wrong test label
+    shutil.copy(tmp_path / "img" / "dark-3.png", tmp_path / "img" / "twin.png")  # a copy of dark-3, labelled mid
+    rows = pd.concat([rows, pd.DataFrame([{"image_uuid": "twin", "path": "img/twin.png", "label": "mid",
+                                           "split": "train", "group": "patient-z"}])], ignore_index=True)
+    manifest = tmp_path / "manifest.csv"
+    rows.to_csv(manifest, index=False)
+    test = rows[rows["split"] == "test"]
+    probs = np.full((len(test), 3), 0.05)
+    for i, u in enumerate(test["image_uuid"]):
+        probs[i, classes.index(u.split("-")[0])] = 0.9  # the baseline sees each image's true class
+    preds = tmp_path / "test_predictions.parquet"
+    probs_frame(test["image_uuid"].tolist(), test["label"].tolist(), probs, classes).to_parquet(preds, index=False)
+    oof_path = hand_made_oof(manifest, tmp_path / "oof.parquet", classes, {"dark-0": (0.05, 0.05, 0.90)})
+    base = ("data=manifest", f"data.manifest={manifest}", f"flag.oof={oof_path}", *FLAG, *store,
+            f"flag.test_predictions={preds}", "review.screenshot=false")
+    cfg = make_cfg(tmp_path, *base)
+    out = Path(cfg.paths.out_dir)
+
+    audit.run(cfg)
+    flag.run(cfg)
+    issues = pd.read_csv(out / "flag" / "label_issues.csv", dtype={"image_uuid": str}).set_index("image_uuid")
+    assert issues.loc[["dark-3", "twin"], "is_conflicting_copy"].all() and issues["is_conflicting_copy"].sum() == 2
+    assert issues.loc["twin", "copy_labels"] == "dark|mid" and not issues.loc["twin", "is_label_issue"]
+    flag.run(make_cfg(tmp_path, *base, "flag.split=test"))
+    test_issues = pd.read_csv(out / "flag" / "test_label_issues.csv", dtype={"image_uuid": str})
+    test_flagged = test_issues[test_issues["is_label_issue"] | test_issues["is_outlier"]]
+    assert "mid-6" in set(test_issues.loc[test_issues["is_label_issue"], "image_uuid"])
+
+    index = review.run(cfg)  # finds the test flags of this config by their key
+    summary = json.loads((out / "review" / "review_summary.json").read_text())
+    assert summary["n_test_rows"] == len(test_flagged)
+    tab, ctx, problems = open_page(browser, index)
+    assert tab.is_visible("#tabs") and "Test rows (" in tab.inner_text("#t-test")
+    train_cards = visible_cards(tab)
+    assert {"dark-0", "dark-3", "twin"} <= set(train_cards) and not set(train_cards) & set(test["image_uuid"])
+    tab.select_option("#f-kind", "copy")
+    copies = visible_cards(tab)
+    assert sorted(copies) == ["dark-3", "twin"]
+    assert "conflicting copy" in tab.locator('.card[data-uuid="twin"] .kinds').inner_text()
+    tab.keyboard.press("d")  # drop the first copy (a train decision: prune's)
+    tab.select_option("#f-kind", "")
+    tab.click("#t-test")
+    assert sorted(visible_cards(tab)) == sorted(test_flagged["image_uuid"])
+    assert "flagged test rows" in tab.inner_text("#stats")
+    tab.click('.card[data-uuid="mid-6"]')
+    tab.keyboard.press("r")  # relabel the test row to the baseline's pick
+    exported = pd.read_csv(export(tab, tmp_path / "decisions.csv"), dtype=str, keep_default_na=False)
+    assert not problems, problems
+    ctx.close()
+    decided = dict(zip(exported["image_uuid"], exported["decision"], strict=True))
+    assert decided == {copies[0]: "drop", "mid-6": "relabel:mid"}  # both tabs in one export
+
+    # compare reads the test row's decision; the train one is prune's (which skips the test rows':
+    # tests/test_test_labels.py)
+    test_rows = compare.read_test_decisions(tmp_path / "decisions.csv", test_uuids=test["image_uuid"],
+                                            classes=classes, train_uuids=set(rows.loc[rows["split"] == "train",
+                                                                                       "image_uuid"]))
+    assert test_rows[["image_uuid", "action", "new_label"]].values.tolist() == [["mid-6", "relabel", "mid"]]
+    assert test_rows.attrs["n_train_rows"] == 1

@@ -17,6 +17,9 @@ from cleanloop.cleaning import issue_confusions, issues_per_class
 # Columns of flag/label_issues.csv (CONTRACT §3).
 ISSUE_COLUMNS = ["image_uuid", "path", "given_label", "predicted_label", "label_quality",
                  "is_label_issue", "outlier_score", "is_outlier"]
+# Added after them when the audit of the manifest has run: the row is a copy of another train row
+# that carries another label (audit/conflicting_labels.csv), and the labels its copies carry.
+COPY_COLUMNS = ["is_conflicting_copy", "copy_labels"]
 
 
 class FlagTables(NamedTuple):
@@ -74,3 +77,27 @@ def flag_tables(
     per_class = issues_per_class(table["given_label"], is_issue, classes)
     confusions = issue_confusions(table["given_label"], table["predicted_label"], is_issue)
     return FlagTables(table, per_class, confusions)
+
+
+def mark_conflicting_copies(table: pd.DataFrame, conflicts: pd.DataFrame) -> pd.DataFrame:
+    """``table`` (label_issues rows) with ``COPY_COLUMNS`` added from the audit's conflicting-label rows.
+
+    Parameters
+    ----------
+    table : pd.DataFrame
+        :func:`flag_tables` ``issues`` (or any table with ``image_uuid``); its order is kept.
+    conflicts : pd.DataFrame
+        ``audit/conflicting_labels.csv``: ``image_uuid`` and ``cluster_labels`` (``a|b``).
+
+    Returns
+    -------
+    pd.DataFrame
+        A copy with ``is_conflicting_copy`` (bool) and ``copy_labels`` (the cluster's labels, ``""``
+        for other rows). Rows of ``conflicts`` that are not in ``table`` are ignored.
+    """
+    labels = dict(zip(conflicts["image_uuid"].astype(str), conflicts["cluster_labels"].astype(str), strict=True))
+    uuids = table["image_uuid"].astype(str)
+    out = table.copy()
+    out["is_conflicting_copy"] = uuids.isin(labels.keys()).to_numpy()
+    out["copy_labels"] = uuids.map(labels).fillna("").to_numpy(dtype=object)
+    return out

@@ -32,7 +32,9 @@ from cleanloop.errors import CleanloopError
 
 ISSUE_COLUMNS = ("image_uuid", "given_label", "predicted_label", "label_quality", "is_label_issue",
                  "outlier_score", "is_outlier")
-ROW_FIELDS = ("uuid", "thumb", "w", "h", "given", "pred", "quality", "issue", "outlier", "oscore", "top", "src")
+ROW_FIELDS = ("uuid", "thumb", "w", "h", "given", "pred", "quality", "issue", "outlier", "oscore", "top", "src",
+              "split", "copy")
+SPLITS = ("train", "test")  # a row's ``split`` field: its index here (the test rows get a tab of their own)
 _TRUE = {"true", "1", "yes", "t", "y"}
 
 
@@ -43,7 +45,8 @@ def _as_bool(col: pd.Series) -> pd.Series:
 
 
 def flagged_rows(issues: pd.DataFrame, *, max_rows: int = 0, source: str = "label_issues.csv") -> pd.DataFrame:
-    """The rows a reviewer sees: ``is_label_issue`` or ``is_outlier``, lowest ``label_quality`` first.
+    """The rows a reviewer sees: ``is_label_issue``, ``is_outlier`` or ``is_conflicting_copy`` (a column
+    the flag step adds when the audit has run), lowest ``label_quality`` first.
 
     Parameters
     ----------
@@ -67,13 +70,16 @@ def flagged_rows(issues: pd.DataFrame, *, max_rows: int = 0, source: str = "labe
     df["image_uuid"] = df["image_uuid"].astype(str)
     df["is_label_issue"] = _as_bool(df["is_label_issue"])
     df["is_outlier"] = _as_bool(df["is_outlier"])
+    copies = _as_bool(df["is_conflicting_copy"]) if "is_conflicting_copy" in df.columns else False
+    df["is_conflicting_copy"] = copies
+    df["copy_labels"] = df["copy_labels"].fillna("").astype(str) if "copy_labels" in df.columns else ""
     for col in ("label_quality", "outlier_score"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
     bad = df["label_quality"].isna()
     if bad.any():
         raise CleanloopError(f"{source}: label_quality missing or not a number for {int(bad.sum())} row(s), "
                              f"first image_uuid {df.loc[bad, 'image_uuid'].iloc[0]!r}; rerun `cleanloop flag`")
-    df = df[df["is_label_issue"] | df["is_outlier"]]
+    df = df[df["is_label_issue"] | df["is_outlier"] | df["is_conflicting_copy"]]
     df = df.sort_values(["label_quality", "image_uuid"], kind="mergesort").reset_index(drop=True)
     return df.head(max_rows).reset_index(drop=True) if max_rows else df
 
@@ -142,7 +148,8 @@ def _num(x, digits: int = 5):
 
 
 def page_rows(flagged: pd.DataFrame, pred_probs: np.ndarray, *, classes: Sequence[str],
-              thumbs: Sequence[tuple[str | None, int, int]], sources: Sequence[str], k: int = 3) -> list[list]:
+              thumbs: Sequence[tuple[str | None, int, int]], sources: Sequence[str], k: int = 3,
+              split: str = "train") -> list[list]:
     """The page's rows as compact lists in the order of ``ROW_FIELDS`` (classes by index).
 
     Parameters
@@ -152,7 +159,11 @@ def page_rows(flagged: pd.DataFrame, pred_probs: np.ndarray, *, classes: Sequenc
     classes : the K class names.
     thumbs : per row (file name in thumbs/ or None when the image was unreadable, width, height).
     sources : per row, a link to the original image (a ``file:`` URI), or "".
+    split : ``train`` (the flag step's rows, scored out of fold) or ``test`` (flag.split=test: scored
+        by the baseline model(s)); the page shows each in a tab of its own.
     """
+    if split not in SPLITS:
+        raise CleanloopError(f"page_rows: split={split!r}, expected one of {', '.join(SPLITS)}")
     if not (len(flagged) == len(pred_probs) == len(thumbs) == len(sources)):
         raise CleanloopError(f"page_rows: {len(flagged)} rows but {len(pred_probs)} probability rows, "
                              f"{len(thumbs)} thumbnails, {len(sources)} sources")
@@ -162,13 +173,19 @@ def page_rows(flagged: pd.DataFrame, pred_probs: np.ndarray, *, classes: Sequenc
         raise CleanloopError(f"label_issues.csv names class(es) {unknown[:5]} that the manifest does not have; "
                              "rerun `cleanloop flag` on this manifest")
     order, probs = top_classes(pred_probs, k=k) if len(flagged) else (np.zeros((0, 0), int), np.zeros((0, 0)))
+    copies = flagged["is_conflicting_copy"] if "is_conflicting_copy" in flagged.columns else [False] * len(flagged)
+    copy_labels = flagged["copy_labels"] if "copy_labels" in flagged.columns else [""] * len(flagged)
     out = []
     for i, row in enumerate(flagged.itertuples(index=False)):
         name, w, h = thumbs[i]
         top = [[int(c), _num(p, 4)] for c, p in zip(order[i], probs[i], strict=True)]
+        # a conflicting copy: the labels its copies carry ("a|b"), shown on its card; "" otherwise
+        copy = (str(copy_labels.iloc[i] if hasattr(copy_labels, "iloc") else copy_labels[i]) or "?") \
+            if bool(copies.iloc[i] if hasattr(copies, "iloc") else copies[i]) else ""
         out.append([row.image_uuid, name, int(w), int(h), index[str(row.given_label)],
                     index[str(row.predicted_label)], _num(row.label_quality), int(bool(row.is_label_issue)),
-                    int(bool(row.is_outlier)), _num(row.outlier_score, 4), top, sources[i]])
+                    int(bool(row.is_outlier)), _num(row.outlier_score, 4), top, sources[i], SPLITS.index(split),
+                    copy])
     return out
 
 
@@ -221,7 +238,8 @@ _KEYS_HTML = (
     " &middot; <kbd>r</kbd> relabel to the model&rsquo;s pick"
     " &middot; <kbd>1</kbd> <kbd>2</kbd> <kbd>3</kbd> relabel to the model&rsquo;s 1st / 2nd / 3rd class"
     " &middot; <kbd>u</kbd> undo &middot; <kbd>n</kbd> note, exported with the decision (<kbd>Enter</kbd> done)"
-    " &middot; <kbd>c</kbd> cards / clusters &middot; <kbd>e</kbd> export &middot; <kbd>?</kbd> hide keys"
+    " &middot; <kbd>c</kbd> cards / clusters &middot; <kbd>t</kbd> train / test rows &middot; <kbd>e</kbd> export"
+    " &middot; <kbd>?</kbd> hide keys"
 )
 
 _HTML = """<!doctype html>
@@ -239,6 +257,7 @@ _HTML = """<!doctype html>
     <h1>cleanloop review <span class="ds">{title}</span></h1>
     <span id="stats" class="stats"></span>
     <span class="grow"></span>
+    <span class="views" id="tabs" hidden><button id="t-train" class="on" type="button">Train rows</button><button id="t-test" type="button" title="test rows scored by the baseline model(s): decisions here correct the test split (compare.test_decisions), never the training set">Test rows</button></span>
     <span class="views"><button id="v-cards" class="on" type="button">Cards</button><button id="v-clusters" type="button">Clusters</button></span>
     <button id="export" class="primary" type="button">Export decisions.csv</button>
     <button id="clear-all" type="button" title="forget every decision on this page">Clear decisions</button>
@@ -246,7 +265,7 @@ _HTML = """<!doctype html>
   <div class="bar filters">
     <label>Given <select id="f-given"><option value="">all classes</option></select></label>
     <label>Predicted <select id="f-pred"><option value="">all classes</option></select></label>
-    <label>Issue <select id="f-kind"><option value="">label issue or outlier</option><option value="issue">label issue</option><option value="outlier">outlier</option></select></label>
+    <label>Issue <select id="f-kind"><option value="">any issue</option><option value="issue">label issue</option><option value="outlier">outlier</option><option value="copy">conflicting copy</option></select></label>
     <label>Decision <select id="f-status"><option value="">any</option><option value="none">undecided</option><option value="any">decided</option><option value="keep">keep</option><option value="drop">drop</option><option value="relabel">relabel</option></select></label>
     <button id="clear-filters" type="button">Clear filters</button>
     <label class="check"><input type="checkbox" id="advance" checked> next card after deciding</label>
@@ -341,6 +360,7 @@ main { padding: 14px 16px 40px; }
 .tag { padding: 0 6px; border-radius: 8px; font-size: 11.5px; font-weight: 600; }
 .tag.issue { background: #fde8e8; color: #9b1c1c; }
 .tag.outlier { background: #fff1d6; color: #8a4b00; }
+.tag.copy { background: #e0f2fe; color: #075985; }
 .tops { list-style: none; margin: 0; padding: 0; display: flex; flex-direction: column; gap: 2px; }
 .tops li { display: grid; grid-template-columns: auto minmax(0, 1fr) 70px 44px; gap: 6px; align-items: center;
   padding: 1px 4px; border-radius: 5px; cursor: pointer; }
@@ -430,16 +450,20 @@ const F = { given: $("f-given"), pred: $("f-pred"), kind: $("f-kind"), status: $
     if (nPred[i]) { const o = el("option", "", c + " (" + nPred[i] + ")"); o.value = String(i); F.pred.append(o); }
   });
 })();
+let tab = 0;         // the rows shown: 0 train, 1 test (SPLITS); the test tab exists when test rows were flagged
+const HAS_TEST = rows.some((r) => r.split === 1);
 let filtered = [];   // indices into rows, in page order (lowest label quality first)
 let cur = 0;         // position in filtered of the current card
 let rendered = 0;    // cards in the grid so far (rendered in chunks as you scroll or move)
 const cards = [];    // card elements by position in filtered
 
 function matches(r, g, p, k, s) {
+  if (r.split !== tab) return false;
   if (g !== "" && r.given !== +g) return false;
   if (p !== "" && r.pred !== +p) return false;
   if (k === "issue" && !r.issue) return false;
   if (k === "outlier" && !r.outlier) return false;
+  if (k === "copy" && !r.copy) return false;
   if (s !== "") {
     const d = kindOf(decisionOf(r));
     if (s === "none" ? d !== "" : s === "any" ? d === "" : d !== s) return false;
@@ -478,6 +502,7 @@ function card(r, pos) {
   kinds.append(el("span", "", "quality " + fmt(r.quality, 3)));
   if (r.issue) kinds.append(el("span", "tag issue", "label issue"));
   if (r.outlier) kinds.append(el("span", "tag outlier", "outlier " + fmt(r.oscore, 2)));
+  if (r.copy) { const t = el("span", "tag copy", "conflicting copy"); t.title = "a copy of it carries another label: " + r.copy.split("|").join(", "); kinds.append(t); }
   const tops = el("ol", "tops");
   r.top.forEach(([ci, p], j) => {
     const li = el("li"); li.dataset.cls = String(ci);
@@ -597,15 +622,21 @@ $("grid").addEventListener("focusin", (ev) => {
 // ---- counts, clusters, export ------------------------------------------------------------------
 function updateStats() {
   let keep = 0, drop = 0, rel = 0;
-  for (const r of rows) { const k = kindOf(decisionOf(r)); if (k === "keep") keep++; else if (k === "drop") drop++; else if (k === "relabel") rel++; }
+  let n = 0;
+  for (const r of rows) {
+    if (r.split !== tab) continue;
+    n++;
+    const k = kindOf(decisionOf(r)); if (k === "keep") keep++; else if (k === "drop") drop++; else if (k === "relabel") rel++;
+  }
   const s = $("stats"); s.replaceChildren();
   const b = (t) => el("b", "", String(t));
-  s.append(b(rows.length), " flagged \u00b7 showing ", b(filtered.length), " \u00b7 decided ", b(keep + drop + rel),
-           " (keep " + keep + ", drop " + drop + ", relabel " + rel + ")");
+  s.append(b(n), " flagged " + (tab ? "test" : "train") + " rows \u00b7 showing ", b(filtered.length), " \u00b7 decided ",
+           b(keep + drop + rel), " (keep " + keep + ", drop " + drop + ", relabel " + rel + ")");
 }
 function renderClusters() {
   const groups = new Map();
   rows.forEach((r, i) => {
+    if (r.split !== tab) return;
     const key = r.given + "|" + r.pred;
     let g = groups.get(key);
     if (!g) { g = { given: r.given, pred: r.pred, n: 0, decided: 0, issues: 0, outliers: 0, sample: [] }; groups.set(key, g); }
@@ -667,6 +698,22 @@ function exportCsv() {
 for (const s of Object.values(F)) s.addEventListener("change", () => { s.blur(); applyFilters(); });
 $("clear-filters").addEventListener("click", () => { for (const s of Object.values(F)) s.value = ""; applyFilters(); });
 $("v-cards").addEventListener("click", () => showView("cards"));
+function showTab(t) {
+  if (!HAS_TEST) return;
+  tab = t;
+  $("t-train").classList.toggle("on", t === 0); $("t-test").classList.toggle("on", t === 1);
+  document.body.dataset.tab = t ? "test" : "train";
+  if (!$("clusters-view").hidden) renderClusters();
+  applyFilters();
+}
+if (HAS_TEST) {
+  let nTrain = 0; for (const r of rows) if (r.split === 0) nTrain++;
+  $("t-train").textContent = "Train rows (" + nTrain + ")";
+  $("t-test").textContent = "Test rows (" + (rows.length - nTrain) + ")";
+  $("tabs").hidden = false;
+  $("t-train").addEventListener("click", () => showTab(0));
+  $("t-test").addEventListener("click", () => showTab(1));
+}
 $("v-clusters").addEventListener("click", () => showView("clusters"));
 $("export").addEventListener("click", exportCsv);
 $("export-close").addEventListener("click", () => { $("export-box").hidden = true; });
@@ -687,6 +734,7 @@ document.addEventListener("keydown", (ev) => {
   const k = ev.key;
   let handled = true;
   if (k === "c") showView(inCards ? "clusters" : "cards");
+  else if (k === "t" && HAS_TEST) showTab(1 - tab);
   else if (k === "e") exportCsv();
   else if (k === "?") $("keys").hidden = !$("keys").hidden;
   else if (!inCards || !filtered.length) handled = false;

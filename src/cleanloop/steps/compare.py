@@ -4,7 +4,10 @@ Pairs the latest cleaned training run(s) with baseline run(s) of the same recipe
 and input (one pair per ``recipe.seed``), or the run ids in ``compare.baseline`` /
 ``compare.cleaned``; runs a paired bootstrap over the test rows (and seed pairs); writes
 ``compare/recall_deltas.csv`` and ``.png`` and logs ``delta/*`` to a compare run.
-With ``compare.flag_runs=[A,B]`` it also sets two flag sets side by side.
+With ``compare.flag_runs=[A,B]`` it also sets two flag sets side by side. With
+``audit.test_leaks=exclude`` and ``compare.test_decisions=PATH`` it also reports every delta on
+the test split without leaked rows (``deleaked``) and on the reviewer-corrected test split
+(``corrected``), beside the raw numbers, which never change.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from cleanloop.bootstrap import STATISTICS, paired_bootstrap, recall_deltas_char
 from cleanloop.config import file_hash, short_hash
 from cleanloop.errors import CleanloopError
 from cleanloop.io import write_csv, write_json
-from cleanloop.steps.common import cached, load_input, out_path
+from cleanloop.pruning import read_decisions
+from cleanloop.steps.common import cached, load_input, out_path, read_csv_strings
 from cleanloop.steps.locate import audit_output, cleaned_output
 from cleanloop.tracking import (
     NOTE_TAG,
@@ -183,6 +187,82 @@ def _leaked_test_rows(cfg: DictConfig) -> set[str] | None:
     return leaked
 
 
+def _manifest_train_uuids(cfg: DictConfig) -> set[str]:
+    """The input manifest's train rows (decisions on them are prune's, not compare's); empty when it is
+    not there to read (compare given run ids only)."""
+    if not Path(str(cfg.data.manifest)).is_file():  # never build the demo here
+        return set()
+    try:
+        return set(load_input(cfg).train["image_uuid"])
+    except CleanloopError:
+        return set()
+
+
+def read_test_decisions(path: Path, *, test_uuids, classes: list[str], train_uuids=frozenset()) -> pd.DataFrame:
+    """``compare.test_decisions``: the reviewer's decisions on test rows (the review page's export).
+
+    Decisions on train rows of the manifest (``train_uuids``) are left out: one exported file
+    feeds both ``prune.decisions`` and this. Any other row that is not a test row, or a relabel to
+    an unknown class, is refused in one line.
+
+    Returns
+    -------
+    pd.DataFrame
+        :func:`cleanloop.pruning.read_decisions` rows of the test rows only (``image_uuid, action,
+        new_label``), with ``attrs["n_train_rows"]``: the decisions left out.
+    """
+    raw = read_csv_strings(path, "test decisions file",
+                           "export it from the review page's test tab (Export decisions.csv), or write "
+                           "image_uuid,decision")
+    test, train = {str(u) for u in test_uuids}, {str(u) for u in train_uuids}
+    if "image_uuid" in raw.columns:
+        uuids = raw["image_uuid"].astype(str).str.strip()
+        other = ~uuids.isin(test | train) & (uuids != "")
+        if other.any():
+            first = list(dict.fromkeys(uuids[other]))[:3]
+            raise CleanloopError(
+                f"{path}: {int(other.sum())} decision(s) name rows that are not test rows of the compared runs "
+                f"(first: {first} at line {int(other.to_numpy().argmax()) + 2}); compare.test_decisions corrects "
+                "the test split only: fix the ids or delete those rows")
+    decisions = read_decisions(raw, classes=classes, known_uuids=test | train, source=str(path))
+    on_test = decisions["image_uuid"].isin(test)
+    out = decisions[on_test].reset_index(drop=True)
+    out.attrs["n_train_rows"] = int((~on_test).sum())
+    return out
+
+
+def correct_test_split(uuids, labels: np.ndarray, decisions: pd.DataFrame,
+                       classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The corrected test split: (labels, kept rows), only the reviewed rows changed.
+
+    Parameters
+    ----------
+    uuids : sequence of str, shape (N,)
+        The test rows, in the order of ``labels``.
+    labels : np.ndarray of int, shape (N,)
+        Their given class indices.
+    decisions : pd.DataFrame
+        :func:`read_test_decisions` (``image_uuid, action, new_label``): ``drop`` removes the row,
+        ``relabel`` gives it ``new_label``, ``keep`` leaves it as it is.
+    classes : list of str, shape (K,)
+
+    Returns
+    -------
+    (np.ndarray of int, shape (N,), np.ndarray of bool, shape (N,))
+        The corrected labels (a removed row keeps its old one) and which rows stay.
+    """
+    index = {c: i for i, c in enumerate(classes)}
+    row = {str(u): i for i, u in enumerate(uuids)}
+    corrected, keep = np.array(labels, copy=True), np.ones(len(labels), dtype=bool)
+    for u, action, new in decisions[["image_uuid", "action", "new_label"]].itertuples(index=False):
+        i = row[str(u)]
+        if action == "drop":
+            keep[i] = False
+        elif action == "relabel":
+            corrected[i] = index[str(new)]
+    return corrected, keep
+
+
 def _aligned(pairs: list[tuple[str, str]]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """classes, labels (N,), baseline preds (S, N), cleaned preds (S, N), test uuids (N,) on the same test rows."""
     ref = None
@@ -243,7 +323,7 @@ def flag_overlap(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, pd.Dat
 
 
 COMPARE_FILES = ["recall_deltas.csv", "recall_deltas.png", "compare_summary.json", "flag_overlap.csv",
-                 "flag_only_rows.csv", "recall_deltas_deleaked.csv"]
+                 "flag_only_rows.csv", "recall_deltas_deleaked.csv", "recall_deltas_corrected.csv"]
 
 
 def _flag_run_of(cfg: DictConfig) -> str | None:
@@ -280,12 +360,18 @@ def run(cfg: DictConfig) -> dict:
     pairs = find_pairs(cfg, exp_id)
     issues = _issues_path(cfg)
     options = {k: v for k, v in OmegaConf.to_container(cfg.compare, resolve=True).items()
-               if k not in ("baseline", "cleaned", "issues")}
+               if k not in ("baseline", "cleaned", "issues", "test_decisions")}
     leaked = _leaked_test_rows(cfg)
     parts = {"pairs": pairs, "compare": options, "issues": file_hash(issues) if issues.is_file() else None}
     if leaked is not None:  # only then: keys of plain compares stay as they were
         parts["leaked_test_rows"] = short_hash(sorted(leaked))
-    return cached(cfg, "compare", short_hash(parts), lambda d: _compare(cfg, pairs, d, leaked),
+    decisions = Path(str(cfg.compare.test_decisions)) if cfg.compare.get("test_decisions") else None
+    if decisions is not None:  # likewise; its content, not its name
+        if not decisions.is_file():
+            raise CleanloopError(f"compare.test_decisions={decisions}: not found; export decisions.csv from the "
+                                 "review page's test tab, or leave it unset")
+        parts["test_decisions"] = file_hash(decisions)
+    return cached(cfg, "compare", short_hash(parts), lambda d: _compare(cfg, pairs, d, leaked, decisions),
                   publish_to=out_path(cfg, "compare"), names=COMPARE_FILES)
 
 
@@ -299,9 +385,14 @@ def _recall_table(cfg: DictConfig, classes: list[str], labels: np.ndarray, boot:
     }).sort_values(["issue_rate", "class"], ascending=[False, True], kind="mergesort").reset_index(drop=True)
 
 
-def _compare(cfg: DictConfig, pairs: list[tuple[str, str]], out_dir: Path, leaked: set[str] | None = None) -> dict:
+def _compare(cfg: DictConfig, pairs: list[tuple[str, str]], out_dir: Path, leaked: set[str] | None = None,
+             test_decisions: Path | None = None) -> dict:
     classes, labels, preds_a, preds_b, uuids = _aligned(pairs)
     cc = cfg.compare
+    decisions = None
+    if test_decisions is not None:  # refused before the run opens
+        decisions = read_test_decisions(test_decisions, test_uuids=uuids, classes=classes,
+                                        train_uuids=_manifest_train_uuids(cfg))
     boot = paired_bootstrap(labels, preds_a, preds_b, num_classes=len(classes), n_bootstrap=cc.n_bootstrap,
                             confidence=cc.confidence, seed=cc.seed)
     table = _recall_table(cfg, classes, labels, boot)
@@ -353,6 +444,30 @@ def _compare(cfg: DictConfig, pairs: list[tuple[str, str]], out_dir: Path, leake
             log.info("compare: audit.test_leaks=exclude: %d of %d test rows have a copy in train; without them "
                      "balanced accuracy delta %s (compare/recall_deltas_deleaked.csv)", int((~keep).sum()),
                      len(keep), f"{summary['deleaked']['balanced_accuracy']['delta']:+.4f}" if keep.any() else "n/a")
+        if decisions is not None:  # beside the raw test split, never instead of it
+            fixed, keep = correct_test_split(uuids, labels, decisions, classes)
+            relabelled = int((keep & (fixed != labels)).sum())
+            summary["corrected"] = {"decisions": str(test_decisions), "n_test": int(keep.sum()),
+                                    "n_removed": int((~keep).sum()), "n_relabelled": relabelled,
+                                    "n_decisions": len(decisions),
+                                    "n_train_decisions_ignored": int(decisions.attrs.get("n_train_rows", 0))}
+            if keep.any():
+                boot_c = paired_bootstrap(fixed[keep], preds_a[:, keep], preds_b[:, keep], num_classes=len(classes),
+                                          n_bootstrap=cc.n_bootstrap, confidence=cc.confidence, seed=cc.seed)
+                write_csv(out_dir / "recall_deltas_corrected.csv", _recall_table(cfg, classes, fixed[keep], boot_c))
+                artifacts.append(out_dir / "recall_deltas_corrected.csv")
+                for stat in STATISTICS:
+                    s = boot_c[stat]
+                    summary["corrected"][stat] = {k: float(v) for k, v in s.items()}
+                    mlflow.log_metrics({f"corrected/delta/{stat}": float(s["delta"]),
+                                        f"corrected/delta/{stat}/ci_low": float(s["ci_low"]),
+                                        f"corrected/delta/{stat}/ci_high": float(s["ci_high"])})
+            mlflow.log_metrics({"corrected/n_removed": summary["corrected"]["n_removed"],
+                                "corrected/n_relabelled": relabelled})
+            ba_c = summary["corrected"].get("balanced_accuracy")
+            log.info("compare: compare.test_decisions: %d test row(s) relabelled, %d removed (%s); on the corrected "
+                     "split balanced accuracy delta %s (compare/recall_deltas_corrected.csv)", relabelled,
+                     int((~keep).sum()), test_decisions, f"{ba_c['delta']:+.4f}" if ba_c else "n/a")
         if cc.get("flag_runs"):
             refs = list(cc.flag_runs)
             if len(refs) != 2:

@@ -1,4 +1,4 @@
-"""``cleanloop cycle``: demo-data -> oof -> flag -> review page -> prune -> train baseline -> train cleaned -> compare.
+"""``cleanloop cycle``: audit -> oof -> flag -> prune -> train baseline and cleaned -> test flags -> review page -> compare.
 
 One MLflow parent run with every step nested under it. Each step keeps its outputs in the step
 cache (cleanloop.cache) under a key of its inputs and config, so a step whose outputs already
@@ -77,8 +77,7 @@ def run(cfg: DictConfig) -> dict:
             step("audit", lambda: audit.run(cfg))
         step("oof", lambda: oof.run(cfg))
         flag_info = step("flag", lambda: flag.run(cfg))
-        step("review", lambda: _review(cfg))
-        prune_info = step("prune", lambda: prune.run(cfg))
+        prune_info = step("prune", lambda: prune.run(cfg))  # reads the flags and prune.decisions, not the page
         # compare.seeds pairs: seed s trains baseline and cleaned on the one cleaned manifest above;
         # the first pair publishes to train/<role>/, the others to train/<role>/seed-<s>/.
         seeds = [int(cfg.recipe.seed) + i for i in range(max(1, int(cfg.compare.get("seeds", 1))))]
@@ -90,6 +89,13 @@ def run(cfg: DictConfig) -> dict:
                 publish = None if i == 0 else out_path(cfg, "train", role, f"seed-{seed}")
                 step(f"train-{role}{suffix}", lambda rcfg=rcfg, publish=publish: train.run(rcfg, publish_to=publish))
             pairs.append((run_ids[f"train-baseline{suffix}"], run_ids[f"train-cleaned{suffix}"]))
+        # the test rows, scored by the baselines just trained (their saved test probabilities, no inference)
+        baselines = [Path(info["dir"]) / "test_predictions.parquet" for name, info in results.items()
+                     if name.startswith("train-baseline")]
+        test_info = step("flag-test", lambda: flag.run_test(cfg, predictions=baselines))
+        # the page shows the flagged train rows and, in a tab of their own, the flagged test rows
+        step("review", lambda: _review(_with(cfg, **{"review.test_issues": str(Path(test_info["dir"])
+                                                                                / "test_label_issues.csv")})))
         cmp = step("compare", lambda: compare.run(_with(cfg, **{"compare.baseline": [a for a, _ in pairs],
                                                                   "compare.cleaned": [b for _, b in pairs]})))
         baseline = _mean_metrics([results[n] for n in results if n.startswith("train-baseline")])
@@ -107,12 +113,14 @@ def run(cfg: DictConfig) -> dict:
                           if k in results["audit"]}} if "audit" in results else {}),
             "flag": {k: flag_info[k] for k in ("n_rows", "n_issues", "issue_rate", "n_outliers")}
             | ({"ground_truth": flag_info["ground_truth"]} if "ground_truth" in flag_info else {}),
+            "test_flag": {k: test_info[k] for k in ("n_rows", "n_issues", "issue_rate", "n_outliers", "n_models")},
             "prune": {"n_train_before": prune_info["n_train"],
                       "n_train_after": prune_info["n_train"] - prune_info["n_pruned"],
                       "n_relabelled": prune_info["n_relabelled"]},
             "baseline": {k: baseline[k] for k in ("top1", "balanced_accuracy", "f1_macro")},
             "cleaned": {k: cleaned[k] for k in ("top1", "balanced_accuracy", "f1_macro")},
             "delta": {s: cmp[s] for s in ("top1", "balanced_accuracy", "f1_macro")},
+            **({"corrected": cmp["corrected"]} if "corrected" in cmp else {}),
             "verdict": cmp["verdict"],
             "seeds": seeds, "n_test": cmp["n_test"], "confidence": cmp["confidence"],
             "recall": recall,
@@ -120,6 +128,7 @@ def run(cfg: DictConfig) -> dict:
                 **({"duplicates": str(out_path(cfg, "audit", "duplicates.csv"))} if "audit" in results else {}),
                 "oof_probs": str(out_path(cfg, "oof", "oof_probs.parquet")),
                 "label_issues": str(flag_dir / "label_issues.csv"),
+                "test_label_issues": str(flag_dir / "test_label_issues.csv"),
                 "montage": str(flag_dir / "mislabel_candidates.png"),
                 "review_page": str(out_path(cfg, "review", "index.html")),
                 "cleaned_manifest": prune_info["path"], "pruned_rows": str(out_path(cfg, "prune", "pruned_rows.csv")),
@@ -219,11 +228,21 @@ def format_summary(s: dict) -> str:
     lines.append(flagged)
     lines.append(f"  pruned    {s['prune']['n_train_before'] - s['prune']['n_train_after']} train rows "
                  f"-> {s['paths']['cleaned_manifest']}")
+    if "test_flag" in s:
+        t = s["test_flag"]
+        lines.append(f"  test      {t['n_issues']} test rows flagged ({100 * t['issue_rate']:.1f}%) "
+                     f"-> {s['paths']['test_label_issues']}")
     lines.append(f"  verdict   {s['verdict']['text']}")
     for name, key in (("balanced accuracy", "balanced_accuracy"), ("top-1", "top1")):
         x = d[key]
         lines.append(f"  {name:<17} {x['value_a']:.3f} -> {x['value_b']:.3f}  ({_pts(x['delta'])} pts, "
                      f"95% CI {_pts(x['ci_low'])} .. {_pts(x['ci_high'])})")
+    if "corrected" in s:  # the reviewer-corrected test split, beside the raw numbers above
+        c = s["corrected"]
+        x = c.get("balanced_accuracy")
+        lines.append(f"  corrected test split ({c['n_relabelled']} relabelled, {c['n_removed']} removed): "
+                     + (f"balanced accuracy {x['value_a']:.3f} -> {x['value_b']:.3f} ({_pts(x['delta'])} pts, "
+                        f"95% CI {_pts(x['ci_low'])} .. {_pts(x['ci_high'])})" if x else "no test rows left"))
     moved = sorted((r for r in s["recall"] if r["delta"] is not None), key=lambda r: -abs(r["delta"]))[:3]
     lines.append("  recall moved most: " + "; ".join(
         f"{r['class']} {_pts(r['delta'])} [{_pts(r['ci_low'])}, {_pts(r['ci_high'])}]" for r in moved))
@@ -234,7 +253,9 @@ def format_summary(s: dict) -> str:
     p, ml = s["paths"], s["mlflow"]
     links = ml.get("links", {})
     lines += [f"  montage   {p['montage']}", f"  review    {p['review_page']} (open in a browser; decisions -> "
-              "`cleanloop prune prune.decisions=decisions.csv`)", f"  chart     {p['chart']}",
+              "`cleanloop prune prune.decisions=decisions.csv`"
+              + (", the test tab's -> `compare.test_decisions=decisions.csv`" if "test_flag" in s else "") + ")",
+              f"  chart     {p['chart']}",
               f"  MLflow    `make ui` (tracking.ui_url), then {ml['runs_page']}"]
     if ml.get("cycle_page"):
         lines.append(f"            this cycle: {ml['cycle_page']}")

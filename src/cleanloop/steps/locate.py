@@ -47,6 +47,16 @@ def audit_output(cfg: DictConfig, m, name: str) -> Path:
     return entry.dir / name if entry else out_path(cfg, "audit", name)
 
 
+def audit_conflicts(cfg: DictConfig, m) -> Path | None:
+    """The audit's ``conflicting_labels.csv`` of this manifest, when the audit has run (``flag`` marks
+    those train rows as an issue kind of their own); never a published file of other inputs."""
+    if cfg.get("audit") is None or not cfg.audit.get("enabled", True):
+        return None
+    entry = find_entry(cfg, "audit", audit_parts(cfg, m), m)
+    path = entry.dir / "conflicting_labels.csv" if entry else None
+    return path if path is not None and path.is_file() else None
+
+
 def audit_fold_groups(cfg: DictConfig, m) -> Path | None:
     """The audit's merged fold groups for ``oof`` (``audit.merge_groups``), when the audit has run."""
     if cfg.get("audit") is None or not cfg.audit.get("enabled", True) or not cfg.audit.get("merge_groups", False):
@@ -124,17 +134,91 @@ def oof_input(cfg: DictConfig, m) -> Path:
     return entry.dir / "oof_probs.parquet" if entry else out_path(cfg, "oof", "oof_probs.parquet")
 
 
+# flag keys that choose inputs or the mode, not how rows are scored: never part of a key.
+_FLAG_INPUT_KEYS = ("oof", "split", "test_predictions")
+
+
+def flag_options(cfg: DictConfig) -> dict:
+    """The flag options that change the flags (cleanlab's, outliers, montage): part of both flag keys."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.flag, resolve=True).items() if k not in _FLAG_INPUT_KEYS}
+
+
 def flag_parts(cfg: DictConfig, m, oof_path: Path) -> dict:
     """The step's part of the key: the OOF file's content (and its embeddings), the manifest and the
-    flag options. The entry key adds the versions and the images (:func:`cleanloop.lineage.inputs`)."""
+    flag options; and the audit's conflicting-label copies when the audit of this manifest has run
+    (they become an issue kind of label_issues.csv). The entry key adds the versions and the images
+    (:func:`cleanloop.lineage.inputs`)."""
     emb, ids = oof_path.with_name(EMBEDDINGS), oof_path.with_name(EMBEDDING_IDS)
-    options = {k: v for k, v in OmegaConf.to_container(cfg.flag, resolve=True).items() if k != "oof"}
     parts = {"oof": file_hash(oof_path) if oof_path.is_file() else str(oof_path),
              "embeddings": file_hash(emb) if emb.is_file() else None, "data": file_hash(m.source),
-             "classes": m.classes, "head": cfg.recipe.head, "flag": options}
+             "classes": m.classes, "head": cfg.recipe.head, "flag": flag_options(cfg)}
     if ids.is_file():  # only when present, so the keys of OOF folders without ids stay as they were
         parts["embedding_ids"] = file_hash(ids)
+    conflicts = audit_conflicts(cfg, m)
+    if conflicts is not None:  # only then: keys of flags without an audit stay as they were
+        parts["conflicting_copies"] = file_hash(conflicts)
     return parts
+
+
+def train_parts(cfg: DictConfig, role: str, path: Path, source) -> dict:
+    """The train step's part of the key: role, recipe with seed, the manifest trained on (``path``),
+    the input manifest ``source``, its classes and the trainer."""
+    return {"role": role, "recipe": recipe_hash(cfg, with_seed=True), "data": file_hash(path),
+            "source": file_hash(source.source), "classes": source.classes,
+            "trainer": OmegaConf.to_container(cfg.trainer, resolve=True)}
+
+
+def baseline_seeds(cfg: DictConfig) -> list[int]:
+    """The baseline seeds a cycle trains: ``recipe.seed`` and the next ``compare.seeds - 1``."""
+    n = int(cfg.compare.get("seeds", 1)) if cfg.get("compare") is not None else 1
+    return [int(cfg.recipe.seed) + i for i in range(max(1, n))]
+
+
+def baseline_test_predictions(cfg: DictConfig, m) -> list[Path]:
+    """The baseline model(s)' ``test_predictions.parquet`` for the test flags (``flag.split=test``).
+
+    ``flag.test_predictions`` (a path or a list); else, per seed of :func:`baseline_seeds`, the
+    train-baseline cache entry of this config; else ``train/baseline/`` (and ``seed-<s>/``) in
+    ``paths.out_dir``. Empty when none exists.
+    """
+    given = cfg.flag.get("test_predictions")
+    if given:
+        items = list(given) if OmegaConf.is_list(given) or isinstance(given, list | tuple) else [given]
+        return [Path(str(p)) for p in items]
+    from cleanloop.config import short_hash
+
+    found = []
+    for i, seed in enumerate(baseline_seeds(cfg)):
+        scfg = cfg.copy()
+        OmegaConf.update(scfg, "recipe.seed", seed, merge=False)
+        entry = find_entry(scfg, "train-baseline", short_hash(train_parts(scfg, "baseline", m.source, m)), m)
+        published = out_path(cfg, "train", "baseline", *([] if i == 0 else [f"seed-{seed}"]),
+                             "test_predictions.parquet")
+        path = entry.dir / "test_predictions.parquet" if entry else published
+        if path.is_file():
+            found.append(path)
+    return found
+
+
+def flag_test_parts(cfg: DictConfig, m, predictions: list[Path]) -> dict:
+    """The test flags' part of the key: the baseline test predictions' content, the manifest (its test
+    rows and their resolved paths), classes, head and the flag options."""
+    from cleanloop.config import short_hash
+
+    test = m.split("test")
+    return {"predictions": sorted(file_hash(p) if p.is_file() else str(p) for p in predictions),
+            "data": file_hash(m.source), "paths": short_hash(test["abs_path"].tolist()), "classes": m.classes,
+            "head": cfg.recipe.head, "flag": flag_options(cfg)}
+
+
+def flag_test_issues(cfg: DictConfig, m) -> Path:
+    """This config's test_label_issues.csv: ``review.test_issues``; the test-flag cache entry of its
+    baseline predictions; else ``flag/`` in ``paths.out_dir`` (the file may not exist: no test tab)."""
+    if cfg.get("review") is not None and cfg.review.get("test_issues"):
+        return Path(str(cfg.review.test_issues))
+    predictions = baseline_test_predictions(cfg, m)
+    entry = find_entry(cfg, "flag-test", flag_test_parts(cfg, m, predictions), m) if predictions else None
+    return entry.dir / "test_label_issues.csv" if entry else out_path(cfg, "flag", "test_label_issues.csv")
 
 
 def issues_output(cfg: DictConfig, m) -> Path:
@@ -155,7 +239,22 @@ def prune_parts(cfg: DictConfig, m, issues_path: Path) -> dict:
     decisions = Path(cfg.prune.decisions) if cfg.prune.get("decisions") else None
     return {"issues": file_hash(issues_path) if issues_path.is_file() else str(issues_path),
             "data": file_hash(m.source), "prune": options,
-            "decisions": file_hash(decisions) if decisions and decisions.is_file() else str(decisions)}
+            "decisions": decisions_identity(decisions, m) if decisions and decisions.is_file() else str(decisions)}
+
+
+def decisions_identity(path: Path, m) -> str:
+    """The content of a decisions file as prune reads it: its rows less those on test (or val) rows,
+    which are compare's (``compare.test_decisions``), so changing them never makes a new prune entry.
+    (Prune keys of older entries change once; their cleaned manifests, and so the train keys, do not.)"""
+    from cleanloop.config import short_hash
+
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        uuids = raw["image_uuid"].str.strip()
+    except Exception:  # unreadable or malformed: prune itself says what is wrong
+        return file_hash(path)
+    other = uuids.isin(set(m.df.loc[m.df["split"] != "train", "image_uuid"]))
+    return short_hash([list(raw.columns), raw[~other.to_numpy()].astype(str).values.tolist()])
 
 
 def cleaned_output(cfg: DictConfig, m) -> Path | None:

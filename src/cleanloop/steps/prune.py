@@ -58,6 +58,13 @@ def _prune(cfg: DictConfig, m, issues_path: Path, out_dir: Path, ext: str) -> di
     if pc.get("decisions"):
         path = Path(pc.decisions)
         raw = read_csv_strings(path, "decisions file", "export it from the review page or write image_uuid,decision")
+        # the review page's export also holds its test tab's decisions: those are compare.test_decisions'
+        held_out = raw["image_uuid"].str.strip().isin(set(m.df.loc[m.df["split"] != "train", "image_uuid"])) \
+            if "image_uuid" in raw.columns else pd.Series(False, index=raw.index)
+        if held_out.any():
+            log.info("prune: %d decision(s) in %s concern test/val rows: left to compare.test_decisions",
+                     int(held_out.sum()), path)
+            raw = raw[~held_out.to_numpy()]
         decisions = read_decisions(raw, classes=m.classes, known_uuids=set(issues["image_uuid"]), source=str(path))
     pruned = select_pruned(
         issues, drop_label_issues=pc.drop_label_issues, drop_outliers=pc.drop_outliers,

@@ -10,6 +10,11 @@ are logged to the flag run so a reviewed cleaning can be traced; the logged ``re
 is a self-contained copy with the thumbnails embedded as ``data:`` URIs (MLflow's artifact viewer
 shows it in a sandboxed ``blob:`` iframe where ``thumbs/...`` cannot load), at most
 ``LOGGED_PAGE_MAX_BYTES``. ``cleanloop prune prune.decisions=...`` applies the decisions.
+
+When the test rows have been flagged (``flag/test_label_issues.csv``, ``cleanloop flag
+flag.split=test``), the page shows them in a tab of their own with the baseline's probabilities;
+their decisions go into the same export, which ``compare.test_decisions`` reads (prune leaves
+them alone).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 from omegaconf import DictConfig
 from PIL import Image, ImageOps
 
@@ -36,7 +42,7 @@ from cleanloop.oof_file import load_oof
 from cleanloop.pruning import read_decisions
 from cleanloop.review_page import data_uri, flagged_rows, page_html, page_rows, thumb_name
 from cleanloop.steps.common import load_input, out_path, read_csv_strings
-from cleanloop.steps.locate import issues_output, oof_input
+from cleanloop.steps.locate import flag_test_issues, issues_output, oof_input
 from cleanloop.tracking import log_artifact_files, step_run
 
 log = logging.getLogger(__name__)
@@ -214,6 +220,31 @@ def _logged_page(rows, thumbs, thumbs_dir: Path, index: Path, details: dict, com
     return render(urls), len(urls)
 
 
+def _test_rows(cfg: DictConfig, m, classes: list[str]) -> tuple[Path | None, pd.DataFrame | None, np.ndarray]:
+    """The flagged test rows for the page's test tab, with the baseline's probabilities: (issues file,
+    all its rows, probabilities of its flagged rows); (None, None, empty) when the test rows were not flagged."""
+    path = flag_test_issues(cfg, m)
+    if not path.is_file():
+        if cfg.review.get("test_issues"):
+            raise CleanloopError(f"review.test_issues={path}: not found; run `cleanloop flag flag.split=test` first")
+        return None, None, np.zeros((0, len(classes)))
+    issues = read_csv_strings(path, "test label issues", "run `cleanloop flag flag.split=test`")
+    test = set(m.split("test")["image_uuid"])
+    unknown = sorted(set(issues.get("image_uuid", [])) - test)
+    if unknown:
+        raise CleanloopError(f"{path}: {len(unknown)} image_uuid(s) are not test rows of {m.source} (first: "
+                             f"{unknown[:3]}); it was flagged on another manifest: re-run `cleanloop flag flag.split=test`")
+    probs_path = path.with_name("test_pred_probs.parquet")
+    try:
+        frame = pd.read_parquet(probs_path)
+        frame = frame.assign(image_uuid=frame["image_uuid"].astype(str)).set_index("image_uuid")
+        probs = frame[classes]
+    except Exception as e:
+        raise CleanloopError(f"{probs_path}: cannot read the baseline's test probabilities beside {path.name} "
+                             f"({type(e).__name__}); re-run `cleanloop flag flag.split=test`") from e
+    return path, issues, probs
+
+
 def run(cfg: DictConfig) -> Path:
     t0 = time.time()
     rc = cfg.review
@@ -233,20 +264,26 @@ def run(cfg: DictConfig) -> Path:
     sigmoid = oof.meta.get("head") == "sigmoid"
     probs = normalise_rows(oof.pred_probs) if sigmoid else oof.pred_probs  # what flag ranked by
     at = np.array([row_of[u] for u in flagged["image_uuid"]], dtype=int)
+    test_path, test_issues, test_probs = _test_rows(cfg, m, classes)
+    test_flagged = flagged_rows(test_issues, source=str(test_path)) if test_issues is not None else None
+    test_uuids = list(test_flagged["image_uuid"]) if test_flagged is not None else []
+    test_paths = m.split("test").set_index("image_uuid")["abs_path"]
 
     review_dir = out_path(cfg, "review")
     dec_path = _decisions_file(cfg, review_dir)
     initial, n_decisions = {}, 0
     if dec_path is not None:
         raw = read_csv_strings(dec_path, "decisions file", "export it from the review page (Export decisions.csv)")
-        read_decisions(raw, classes=classes, known_uuids=set(issues["image_uuid"]), source=str(dec_path))
+        known = set(issues["image_uuid"]) | (set(test_issues["image_uuid"]) if test_issues is not None else set())
+        read_decisions(raw, classes=classes, known_uuids=known, source=str(dec_path))
         notes = raw["reviewer_note"] if "reviewer_note" in raw.columns else [""] * len(raw)
         initial = {u.strip(): (d.strip(), n) for u, d, n in zip(raw["image_uuid"], raw["decision"], notes, strict=True)}
         n_decisions = len(initial)
 
     sources = train["abs_path"].to_numpy()[at].tolist() if len(at) else []
+    sources += [str(test_paths[u]) for u in test_uuids]  # the test tab's rows after the train rows
     size = int(rc.thumb_size)
-    thumbs = write_thumbs(sources, flagged["image_uuid"].tolist(), review_dir / "thumbs", size=size,
+    thumbs = write_thumbs(sources, flagged["image_uuid"].tolist() + test_uuids, review_dir / "thumbs", size=size,
                           workers=int(rc.workers))
     unreadable = sum(name is None for name, _, _ in thumbs)
     links = [Path(s).resolve().as_uri() for s in sources]
@@ -259,10 +296,19 @@ def run(cfg: DictConfig) -> Path:
                "flag run": flag_run or "none found beside the issues file (the page is logged to the review run)",
                "then": "Export decisions.csv, then `cleanloop prune prune.decisions=decisions.csv` "
                        "(and `cleanloop review review.decisions=decisions.csv` to log it with this page)"}
+    if test_flagged is not None:
+        details["test rows"] = (f"{len(test_flagged)} flagged of {len(test_issues)} test rows scored by the baseline "
+                                f"model(s) ({test_path}); their decisions correct the test split, never the training "
+                                "set: `cleanloop compare compare.test_decisions=decisions.csv` reports both splits")
     # Stable across re-renders of this output folder and manifest, so saved decisions survive a new page.
     key = "cleanloop-review:" + hashlib.sha1(f"{review_dir.resolve()}|{file_hash(m.source)}".encode()).hexdigest()[:16]
+    n_train = len(flagged)
     rows = page_rows(flagged, probs[at] if len(at) else np.zeros((0, len(classes))), classes=classes,
-                     thumbs=thumbs, sources=links)
+                     thumbs=thumbs[:n_train], sources=links[:n_train])
+    if test_flagged is not None:
+        rows += page_rows(test_flagged, test_probs.loc[test_uuids].to_numpy() if test_uuids else
+                          np.zeros((0, len(classes))), classes=classes, thumbs=thumbs[n_train:],
+                          sources=links[n_train:], split="test")
     common = {"classes": classes, "title": str(cfg.data.name), "storage_key": key, "initial": initial,
               "thumb_size": size}
     page = page_html(rows, details=details, **common)
@@ -281,6 +327,8 @@ def run(cfg: DictConfig) -> Path:
                "n_decisions": n_decisions, "decisions": str(dec_path) if dec_path else None,
                "n_embedded": n_embedded, "logged_page_bytes": len(logged_page.encode("utf-8")),
                "flag_run_id": flag_run, "issues": str(issues_path), "oof": str(oof_path),
+               "n_test_rows": len(test_uuids), "n_test_scored": len(test_issues) if test_issues is not None else 0,
+               "test_issues": str(test_path) if test_path else None,
                "page": str(index), "screenshot": str(shot) if shot.is_file() else None}
 
     tags = {"cleanloop.data": file_hash(m.source), "cleanloop.flag_run": flag_run or "unknown",
@@ -289,6 +337,7 @@ def run(cfg: DictConfig) -> Path:
         summary["run_id"] = run.info.run_id
         write_json(review_dir / "review_summary.json", summary)
         mlflow.log_metrics({"review/n_rows": len(flagged), "review/n_decisions": n_decisions,
+                            "review/n_test_rows": len(test_uuids),
                             "review/n_unreadable": unreadable})
         client = mlflow.MlflowClient()
         logged_to = None

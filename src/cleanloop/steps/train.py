@@ -20,7 +20,7 @@ from cleanloop.errors import CleanloopError
 from cleanloop.io import write_atomic, write_json
 from cleanloop.metrics import classification_metrics
 from cleanloop.steps.common import cached, load_input, out_path
-from cleanloop.steps.locate import cleaned_manifest_path  # noqa: F401
+from cleanloop.steps.locate import cleaned_manifest_path, train_parts  # noqa: F401
 from cleanloop.tracking import (
     log_artifact_files,
     log_classification,
@@ -73,9 +73,7 @@ def run(cfg: DictConfig, *, publish_to: Path | None = None) -> dict:
     test = m.split("test")
     if test.empty:
         raise CleanloopError(f"{path}: no rows with split == 'test'; train evaluates on the test split")
-    key = short_hash({"role": role, "recipe": recipe_hash(cfg, with_seed=True), "data": file_hash(path),
-                      "source": file_hash(source.source), "classes": source.classes,
-                      "trainer": OmegaConf.to_container(cfg.trainer, resolve=True)})
+    key = short_hash(train_parts(cfg, role, path, source))  # locate: the test flags find the baseline by it
     info = cached(cfg, f"train-{role}", key, lambda d: _train(cfg, role, source, m, path, d),
                   publish_to=publish_to or out_path(cfg, "train", role), names=TRAIN_FILES)
     return info
