@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -142,33 +143,108 @@ class _Zygote:
         return cls.path
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the `cleanloop` command in a process of its own: stdout, stderr and exit code as subprocess.run's.
-
-    The process is a fork of a zygote that has already imported the libraries (tests/zygote.py) and
-    calls the console script's entry point, :func:`cleanloop.cli.main`; ~12 s less per run than
-    starting the console script. CLEANLOOP_TEST_FORK=0 starts the console script itself.
+class ForkedCli:
+    """A `cleanloop` run in a process of its own, forked from this test process's zygote (tests/zygote.py),
+    which has imported the libraries once: ~12 s less per run than starting the console script. It
+    calls the console script's entry point, :func:`cleanloop.cli.main`. The methods are
+    :class:`subprocess.Popen`'s that tests use; stdout (and stderr, unless ``err`` is given) go to a
+    file, ``out`` or a temporary one, which :attr:`stdout` follows line by line while the run lasts.
     """
+
+    def __init__(self, *args: str, cwd: Path, env: dict | None = None, out: Path | None = None,
+                 err: Path | None = None):
+        self.args = [str(Path(sys.executable).with_name("cleanloop")), *args]
+        folder = Path(tempfile.mkdtemp(prefix="cleanloop-run-"))
+        self.out = Path(out) if out else folder / "stdout"
+        self.err = Path(err) if err else self.out
+        self.returncode: int | None = None
+        self._buf = b""
+        self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._conn.connect(_Zygote.socket_path())
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        self._conn.sendall((json.dumps({"args": list(args), "cwd": str(cwd), "env": full_env,
+                                        "stdout": str(self.out), "stderr": str(self.err)}) + "\n").encode())
+        self.pid = self._message(None)["pid"]
+
+    def _message(self, timeout: float | None) -> dict | None:
+        """The zygote's next line; None when ``timeout`` (0: do not wait) passes first."""
+        self._conn.settimeout(timeout)
+        while b"\n" not in self._buf:
+            try:
+                chunk = self._conn.recv(4096)
+            except (TimeoutError, BlockingIOError):
+                return None
+            if not chunk:
+                raise RuntimeError(f"the zygote's monitor of {self.args} went away")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            message = self._message(0)
+            if message is not None:
+                self.returncode = message["returncode"]
+                self._conn.close()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            message = self._message(timeout)
+            if message is None:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = message["returncode"]
+            self._conn.close()
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str | None]:
+        self.wait(timeout)
+        return self.out.read_text(), None if self.err == self.out else self.err.read_text()
+
+    @property
+    def stdout(self):
+        """The lines of stdout as they are written, until the run has ended and all are read."""
+        with open(self.out, "a+") as f:
+            f.seek(0)
+            pending = ""
+            while True:
+                ended = self.poll() is not None
+                chunk = f.read()
+                pending += chunk
+                *lines, pending = pending.split("\n")
+                yield from (line + "\n" for line in lines)
+                if ended and not chunk:
+                    if pending:
+                        yield pending
+                    return
+                if not chunk:
+                    time.sleep(0.05)
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the `cleanloop` command to its end (:class:`ForkedCli`): stdout, stderr and exit code as
+    subprocess.run's. CLEANLOOP_TEST_FORK=0 starts the console script itself instead."""
     exe = Path(sys.executable).with_name("cleanloop")
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     if os.environ.get("CLEANLOOP_TEST_FORK", "1") == "0":
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                               timeout=timeout)
-    with tempfile.TemporaryDirectory(prefix="cleanloop-run-") as folder, \
-            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+    with tempfile.TemporaryDirectory(prefix="cleanloop-run-") as folder:
         out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-        conn.connect(_Zygote.socket_path())
-        conn.sendall((json.dumps({"args": list(args), "cwd": str(cwd), "env": full_env, "stdout": str(out),
-                                  "stderr": str(err)}) + "\n").encode())
-        reply = conn.makefile("r")
-        pid = json.loads(reply.readline())["pid"]
-        conn.settimeout(timeout)
+        proc = ForkedCli(*args, cwd=cwd, env=env, out=out, err=err)
         try:
-            code = json.loads(reply.readline())["returncode"]
-        except TimeoutError:
-            os.kill(pid, signal.SIGKILL)
-            raise subprocess.TimeoutExpired([str(exe), *args], timeout, out.read_text(), err.read_text()) from None
-        return subprocess.CompletedProcess([str(exe), *args], code, out.read_text(), err.read_text())
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise subprocess.TimeoutExpired(proc.args, timeout, out.read_text(), err.read_text()) from None
+        return subprocess.CompletedProcess(proc.args, code, out.read_text(), err.read_text())
 
 
 def run_main(capsys, *args: str) -> tuple[int, str]:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,7 +34,7 @@ from cleanloop.images import image_problem
 from cleanloop.oof_file import oof_frame, write_oof
 from cleanloop.pruning import apply_pruning, read_decisions, select_pruned
 
-from conftest import run_cli, tiny_rows
+from conftest import ForkedCli, run_cli, tiny_rows
 
 CLASSES = ["bright", "dark", "mid"]  # the tiny data's class order (sorted train labels)
 FIX_IMAGES = "fix or remove them, or set data.on_bad_image=skip to train without them"
@@ -123,10 +121,7 @@ class Background:
     def __init__(self, args: list[str], cwd: Path):
         cwd.mkdir(parents=True, exist_ok=True)
         self.out, self.err = cwd / "stdout.txt", cwd / "stderr.txt"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen([str(Path(sys.executable).with_name("cleanloop")), *args], cwd=cwd, env=env,
-                                         stdout=out, stderr=err)
+        self.proc = ForkedCli(*args, cwd=cwd, env={"OMP_NUM_THREADS": "1"}, out=self.out, err=self.err)
 
     def wait(self, timeout: int = 600) -> subprocess.CompletedProcess:
         self.proc.wait(timeout=timeout)

@@ -5,9 +5,6 @@ one process writes; missing folds are named; the fold entries are what a killed 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -17,7 +14,7 @@ import pytest
 
 from cleanloop.cache import DONE
 
-from conftest import make_cfg, run_main
+from conftest import ForkedCli, make_cfg, run_main
 
 FAST = ["data=manifest", "model=tiny", "model.image_size=16", "model.config.image_size=16", "recipe.epochs=1",
         "data.num_workers=0", "review.screenshot=false"]
@@ -30,10 +27,8 @@ def fold_markers(root: Path) -> dict[int, dict]:
     return {m["fold"]: m for m in markers}
 
 
-def start(*args: str, cwd: Path) -> subprocess.Popen:
-    exe = str(Path(sys.executable).with_name("cleanloop"))
-    return subprocess.Popen([exe, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def start(*args: str, cwd: Path) -> ForkedCli:
+    return ForkedCli(*args, cwd=cwd)
 
 
 @pytest.mark.slow

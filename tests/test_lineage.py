@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ from cleanloop import lineage
 from cleanloop.cache import DONE
 from cleanloop.lineage import LINEAGE_FILE
 
-from conftest import make_cfg, run_cli, tiny_rows
+from conftest import ForkedCli, make_cfg, run_cli, tiny_rows
 
 FAST = ["model=tiny", "model.image_size=16", "model.config.image_size=16", "recipe.epochs=1", "oof.n_folds=2",
         "compare.seeds=1", "review.screenshot=false", "data.num_workers=0"]
@@ -291,9 +289,7 @@ def test_forced_rebuild_retrains_every_fold_and_a_kill_leaves_no_mix(manifest, t
     (entry,) = oof_entries(tmp_path)
     old = assert_whole(entry)
 
-    exe = str(Path(sys.executable).with_name("cleanloop"))
-    proc = subprocess.Popen([exe, "oof", *args, "paths.reuse_steps=false"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = ForkedCli("oof", *args, "paths.reuse_steps=false", cwd=tmp_path)
     seen = []
     for line in proc.stdout:
         seen.append(line)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from cleanloop.folds import assign_folds
 from cleanloop.oof_file import oof_frame, read_meta, write_oof
 from cleanloop.steps import flag, oof, prune, train
 
-from conftest import make_cfg, run_main
+from conftest import ForkedCli, make_cfg, run_cli, run_main
 
 FAST = ("recipe.epochs=3",)  # enough to exercise the loop; accuracy is the cycle test's job
 
@@ -88,8 +86,7 @@ def test_oof_scores_every_train_row_exactly_once(demo_oof, demo_dir):
 def test_killed_oof_resumes_at_first_unfinished_fold(demo_oof, demo_dir, tmp_path):
     cfg, full = demo_oof
     args = [f"data.manifest={demo_dir}/manifest.csv", f"paths.root_dir={tmp_path}", *FAST]
-    exe = str(Path(sys.executable).with_name("cleanloop"))
-    proc = subprocess.Popen([exe, "oof", *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = ForkedCli("oof", *args, cwd=tmp_path)
     steps = tmp_path / ".cache" / "cleanloop" / "steps"
 
     def folds_done() -> int:  # each finished fold is a cache entry of its own (steps/oof-fold/<key>/)
@@ -101,7 +98,7 @@ def test_killed_oof_resumes_at_first_unfinished_fold(demo_oof, demo_dir, tmp_pat
     proc.send_signal(signal.SIGKILL)  # killed after fold 2 of 5, mid-way through fold 3
     proc.wait()
     assert 2 <= folds_done() < 5 and not list((steps / "oof").glob("*/oof_probs.parquet"))
-    again = subprocess.run([exe, "oof", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    again = run_cli("oof", *args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     log = again.stdout
     assert "fold 1/5 reused" in log and "fold 2/5 reused" in log
