@@ -169,14 +169,14 @@ class Layout:
     name: str
     gpus: int            # GPUs per job (DDP inside the job)
     fold_jobs: int       # folds trained at once, each in its own job (1: one after another)
-    planned: bool = False
+    array: bool = False  # fold jobs of an array (`oof.folds=[i]` each), merged by a plain `oof`
 
 
 def layouts(folds: int, gpu_counts: tuple[int, ...] = GPU_COUNTS) -> list[Layout]:
     out = [Layout("1 GPU (`trainer=gpu`)" if g == 1 else f"{g} GPUs, DDP in one job (`trainer=ddp "
                   f"trainer.devices={g}`)", g, 1) for g in gpu_counts]
-    out += [Layout(f"SLURM array, {folds} fold jobs x {g} GPU{'s' if g > 1 else ''} (planned: `oof.folds`)",
-                   g, folds, planned=True) for g in (1, max(gpu_counts))]
+    out += [Layout(f"SLURM array, {folds} fold jobs x {g} GPU{'s' if g > 1 else ''} (`oof.folds`)",
+                   g, folds, array=True) for g in (1, max(gpu_counts))]
     return out
 
 
@@ -354,12 +354,13 @@ def page(a: argparse.Namespace, argv: list[str]) -> str:
     out += table(["layout", "GPUs", "OOF linear", f"OOF e={eff}", "per pair linear", f"per pair e={eff}",
                   "total linear", f"total e={eff}", "GPU-h"], rows, "lrrrrrrrr")
     say("")
-    arr = [lay for lay in layouts(w.folds) if lay.planned]
+    arr = [lay for lay in layouts(w.folds) if lay.array]
     one = project(w, r, arr[0], eff)
     beside = max(w.repeats * one["fold"], w.seeds * one["baseline"]) + w.seeds * one["cleaned"]
     say(f"- The SLURM array rows run the {w.folds} folds as {w.folds} jobs at once (OOF wall = one fold; "
-        "the OOF is merged when all are done), then the retrains in one job of the same size. Training one "
-        "fold per job needs `oof.folds=[i,...]`, which is **planned, not built** (docs/CONTRACT.md §9).")
+        "the OOF is merged when all are done), then the retrains in one job of the same size: "
+        "`cleanloop oof -m 'oof.folds=[0],[1],...' hydra/launcher=slurm`, then `cleanloop cycle` (README "
+        "\"Folds as parallel jobs\"). Projected from the per-image costs; no cluster run measured it.")
     say(f"- The baseline needs no OOF: run as a job of its own beside the fold jobs (`cleanloop train "
         f"role=baseline`, built), the {w.folds} x {arr[0].gpus}-GPU array would finish in {fmt_h(beside)} h "
         f"instead of {fmt_h(one['total'])} h (e={eff}), with one more job.")
@@ -457,12 +458,12 @@ def page(a: argparse.Namespace, argv: list[str]) -> str:
     say("What SLURM parallelises today is the sweep: `-m ... recipe.seed=0,1,2` or "
         "`flag.filter_by=both,confident_learning` gives one job per value (at most "
         "`hydra.launcher.array_parallelism` at once), and each job runs its whole cycle, folds one after "
-        "another, at the wall time of its GPU count above. The fold-array rows need `oof.folds=[i,...]` "
-        "(planned). For parallel jobs point `tracking.uri` at an MLflow server (README: SQLite serialises "
+        "another, at the wall time of its GPU count above; the fold-array rows are a fold multirun "
+        "(`oof.folds=[i]` per job) before the cycle. For parallel jobs point `tracking.uri` at an MLflow server (README: SQLite serialises "
         "every write).")
     limit = slurm_timeout_min()
     if limit:
-        fits = [lay for lay in layouts(w.folds) if not lay.planned
+        fits = [lay for lay in layouts(w.folds) if not lay.array
                 and project(w, r, lay, eff)["total"] * 60 <= limit]
         say("")
         say(f"conf/hydra/launcher/slurm.yaml sets `timeout_min: {limit}` ({limit / 60:g} h); of the one-job "
