@@ -43,8 +43,7 @@ def user_cache(tmp_path_factory) -> Path:
     One folder for all test processes (the parent of each xdist worker's base temp), so the
     template is migrated once per session, not once per store; never the developer's own ~/.cache.
     """
-    base = tmp_path_factory.getbasetemp()
-    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xdg-cache"
+    shared = shared_temp(tmp_path_factory) / "xdg-cache"
     shared.mkdir(parents=True, exist_ok=True)
     os.environ["XDG_CACHE_HOME"] = str(shared)
     return shared
@@ -55,11 +54,24 @@ def cfg_factory(tmp_path):
     return lambda *overrides: make_cfg(tmp_path, *overrides)
 
 
+def shared_temp(tmp_path_factory) -> Path:
+    """A folder all test processes of this session share: the parent of each xdist worker's base temp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
-    """The demo dataset, built once per test session (read-only for tests)."""
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    build_demo(out)
+    """The demo dataset, built once per test session for all test processes (read-only for tests):
+    the same image paths everywhere, so a step cache shared by processes can reuse entries."""
+    from cleanloop import locks
+
+    shared = shared_temp(tmp_path_factory)
+    out = shared / "demo" / "demo"
+    with open(shared / "demo.lock", "a+") as f:
+        locks.lock(f)
+        if not (out / "manifest.csv").is_file():  # build_demo renames a whole folder into place
+            build_demo(out)
     return out
 
 

@@ -82,30 +82,34 @@ def test_oof_scores_every_train_row_exactly_once(demo_oof, demo_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("demo_oof")  # one process builds the demo OOF (module fixture) once
-def test_killed_oof_resumes_at_first_unfinished_fold(demo_oof, demo_dir, tmp_path):
-    cfg, full = demo_oof
-    args = [f"data.manifest={demo_dir}/manifest.csv", f"paths.root_dir={tmp_path}", *FAST]
-    proc = ForkedCli("oof", *args, cwd=tmp_path)
-    steps = tmp_path / ".cache" / "cleanloop" / "steps"
+def test_killed_oof_resumes_at_first_unfinished_fold(tiny_manifest, tmp_path):
+    args = ["data=manifest", f"data.manifest={tiny_manifest}", "data.num_workers=0", "model=tiny",
+            "model.image_size=16", "model.config.image_size=16", "recipe.batch_size=4", "recipe.epochs=3",
+            "oof.n_folds=5"]
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    killed.mkdir()
+    proc = ForkedCli("oof", *args, f"paths.root_dir={killed}", cwd=killed)
+    steps = killed / ".cache" / "cleanloop" / "steps"
 
     def folds_done() -> int:  # each finished fold is a cache entry of its own (steps/oof-fold/<key>/)
         return len(list((steps / "oof-fold").glob("[!.]*/cleanloop-entry.json")))
 
     deadline = time.time() + 300
     while folds_done() < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # killed after fold 2 of 5, mid-way through fold 3
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # killed once fold 2 of 5 is done, mid-way through a later one
     proc.wait()
-    assert 2 <= folds_done() < 5 and not list((steps / "oof").glob("*/oof_probs.parquet"))
-    again = run_cli("oof", *args, cwd=tmp_path)
+    done = folds_done()
+    assert 2 <= done < 5 and not list((steps / "oof").glob("*/oof_probs.parquet"))
+    again = run_cli("oof", *args, f"paths.root_dir={killed}", cwd=killed)
     assert again.returncode == 0, again.stderr
     log = again.stdout
-    assert "fold 1/5 reused" in log and "fold 2/5 reused" in log
-    for k in (3, 4, 5):
-        assert f"fold {k}/5 trained" in log and f"fold {k}/5 reused" not in log
-    resumed = pd.read_parquet(tmp_path / "outputs" / "demo" / "oof" / "oof_probs.parquet")
-    pd.testing.assert_frame_equal(resumed, pd.read_parquet(full), atol=1e-6, check_exact=False)
+    for k in range(1, 6):  # the finished folds are taken, the others trained, none twice
+        assert (f"fold {k}/5 reused" in log) == (k <= done) and (f"fold {k}/5 trained" in log) == (k > done), log
+    whole.mkdir()
+    assert run_cli("oof", *args, f"paths.root_dir={whole}", cwd=whole).returncode == 0
+    resumed, one_go = (pd.read_parquet(r / "outputs" / "manifest" / "oof" / "oof_probs.parquet") for r in (killed, whole))
+    pd.testing.assert_frame_equal(resumed, one_go, atol=1e-6, check_exact=False)
 
 
 # -- flag and prune ------------------------------------------------------------------------------

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
 import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -125,46 +120,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def test_a_step_against_an_mlflow_server(tiny_manifest, tmp_path):
-    port = _free_port()
-    exe = str(Path(sys.executable).with_name("mlflow"))
-    server = subprocess.Popen(
-        [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no GenAI job workers
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
-                time.sleep(0.5)
-        oof = hand_made_oof(tiny_manifest, tmp_path / "oof.parquet")
-        r = run_cli("flag", *TINY, f"data.manifest={tiny_manifest}", f"flag.oof={oof}", f"tracking.uri={base}",
-                    f"paths.root_dir={tmp_path}", cwd=tmp_path)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # nothing went to the local store
-        req = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=cleanloop")
-        exp = json.loads(urllib.request.urlopen(req, timeout=10).read())["experiment"]
-        body = json.dumps({"experiment_ids": [exp["experiment_id"]],
-                           "filter": "tags.`cleanloop.step` = 'flag'"}).encode()
-        req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=body,
-                                     headers={"Content-Type": "application/json"})
-        runs = json.loads(urllib.request.urlopen(req, timeout=10).read())["runs"]
-        assert len(runs) == 1
-        metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
-        summary = json.loads((tmp_path / "outputs" / "manifest" / "flag" / "flag_summary.json").read_text())
-        assert metrics["flag/n_issues"] == summary["n_issues"]
-        assert {f"flag/issue_rate/{c}" for c in CLASSES} <= set(metrics)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_unreachable_tracking_server_fails_before_training(capsys, tiny_manifest, tmp_path):
