@@ -434,7 +434,9 @@ def b8_section() -> str:
     proc = subprocess.run([sys.executable, str(HERE / "audit_bench.py")], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"audit_bench.py failed:\n{proc.stderr[-3000:]}")
-    return proc.stdout[proc.stdout.index("## B8:"):].rstrip()
+    section = proc.stdout[proc.stdout.index("## B8:"):]
+    # the last line is the result as JSON (also in bench/results/b8-audit.json): not for the page
+    return "\n".join(line for line in section.splitlines() if not line.startswith('{"when"')).rstrip()
 
 
 def b9_section(r: dict, m: dict) -> str:

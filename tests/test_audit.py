@@ -639,6 +639,39 @@ def test_find_duplicates_with_embeddings(tmp_path):
         audit.find_duplicates(manifest, embeddings=emb[:3])
 
 
+def test_find_duplicates_from_digests_and_cached_pixels_reads_no_image_file(tmp_path, monkeypatch):
+    # The step's fast path: the lineage's BLAKE2b digests and the image cache's 64-px squares
+    # (padded, then bicubic, as the cache stores them) give the pairs that decoding the files gives.
+    from cleanloop.imagecache import file_digest, resize_square
+
+    manifest = _find_fixture(tmp_path)
+    paths = manifest["path"].tolist()
+    decoded = audit.find_duplicates(manifest)
+    digests = [file_digest(p) for p in paths]
+    squares = [resize_square(p, audit.PIXELS_MIN_SIDE) for p in paths]
+
+    def no_file(*args, **kwargs):
+        raise AssertionError("an image file was read")
+
+    monkeypatch.setattr(audit, "load_image", no_file)
+    monkeypatch.setattr(audit, "content_hashes", no_file)
+    sizes = audit.image_sizes(paths)  # headers only: d30-crop is 30 x 29, its square has a bar to cut off
+    assert sizes[9] == (30, 29)
+    cached = audit.find_duplicates(manifest, digests=digests, pixels=squares, sizes=sizes, workers=2)
+
+    def linked(pairs):
+        return sorted(zip(pairs["image_uuid_a"], pairs["image_uuid_b"], pairs["kind"], strict=True))
+
+    assert linked(cached) == linked(decoded)  # exact, resized, JPEG and (non-square) cropped copies
+    assert cached.loc[cached["kind"] == "exact", "method"].tolist() == ["blake2b"]
+    assert (cached.loc[cached["kind"] == "near", "similarity"] >= audit.PIXEL_MIN_NCC).all()
+    assert audit._pixel_sources == {}  # the pixels are let go
+    with pytest.raises(CleanloopError, match="pixels has 2 rows but the manifest has 10"):
+        audit.find_duplicates(manifest, digests=digests, pixels=squares[:2])
+    with pytest.raises(CleanloopError, match=r"cannot decode 1 of 10 image\(s\): .*d0.png \(given pixels\)"):
+        audit.find_duplicates(manifest, digests=digests, pixels=["not pixels", *squares[1:]])
+
+
 def test_find_duplicates_rejects_bad_input(tmp_path):
     manifest = _find_fixture(tmp_path)
     with pytest.raises(CleanloopError, match="no column path"):

@@ -143,3 +143,136 @@ def test_prefetched_search_is_taken_only_for_its_own_rows_and_settings(tmp_path,
     audit.run(third)
     assert calls == [1] and len(audit._prefetched) == 1  # searched in the step; other's search untaken
     audit._prefetched.clear()
+
+
+def _digit_copies(root: Path) -> Path:
+    """Six 48-px digits (square, as the demo draws them) and copies of three: bytes (train, another
+    group), 0.75x resized and JPEG q70 (test), 4% border cropped (val)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    folder = root / "img"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+
+    def add(uuid, img, split, label, group, **save):
+        img.convert("RGB").save(folder / f"{uuid}.{'jpg' if save else 'png'}", **save)
+        rows.append({"image_uuid": uuid, "path": f"img/{uuid}.{'jpg' if save else 'png'}", "label": label,
+                     "split": split, "group": group})
+
+    originals = {}
+    for n in range(6):
+        img = Image.fromarray((digits.images[n] * 255 / 16).astype(np.uint8), mode="L").resize(
+            (48, 48), Image.Resampling.BICUBIC)
+        originals[n] = img
+        add(f"d{n}", img, "train", str(digits.target[n]), f"g{n}")
+    shutil.copy(folder / "d0.png", folder / "d0-copy.png")
+    rows.append({"image_uuid": "d0-copy", "path": "img/d0-copy.png", "label": "0", "split": "train", "group": "gx"})
+    add("d1-small", originals[1].resize((36, 36), Image.Resampling.BICUBIC), "test", "1", "gy")
+    add("d2-q70", originals[2], "test", "2", "gz", quality=70)
+    add("d3-crop", originals[3].crop((2, 2, 46, 46)), "val", "3", "gw")
+    path = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_the_audit_hashes_from_the_image_cache_when_it_is_there(tmp_path, cfg_factory, monkeypatch):
+    # acceptance 2 of issue 15: with the image cache built, the same pairs and no image file read
+    from cleanloop import audit as pure
+    from cleanloop.imagecache import cache_from_config, file_digest
+
+    manifest = _digit_copies(tmp_path)
+    sized = [f"data.manifest={manifest}", "model=tiny", f"model.image_size={pure.PIXELS_MIN_SIDE}",
+             f"model.config.image_size={pure.PIXELS_MIN_SIDE}"]
+    cfg = cfg_factory(*sized)
+    decoded = audit.run(cfg)
+    summary = json.loads((Path(decoded["out_dir"]) / "audit_summary.json").read_text())
+    assert summary["pixels_from"].startswith("image files (no complete image cache")
+    before = pd.read_csv(Path(decoded["out_dir"]) / "duplicates.csv", dtype=str, keep_default_na=False)
+    linked = {frozenset(p) for p in before[["image_uuid_a", "image_uuid_b"]].itertuples(index=False)}
+    assert linked == {frozenset(("d0", "d0-copy")), frozenset(("d1", "d1-small")), frozenset(("d2", "d2-q70")),
+                      frozenset(("d3", "d3-crop"))}
+
+    m_paths = [str(tmp_path / p) for p in pd.read_csv(manifest)["path"]]
+    cache_from_config(cfg).ensure(m_paths)  # as `cleanloop cache` builds it
+
+    def no_file(*args, **kwargs):
+        raise AssertionError("an image file was read")
+
+    monkeypatch.setattr(pure, "load_image", no_file)
+    monkeypatch.setattr(pure, "content_hashes", no_file)
+    again = audit.run(cfg_factory(*sized, "paths.reuse_steps=false"))
+    assert again["key"] == decoded["key"]  # where the pixels came from is not part of the key
+    summary = json.loads((Path(again["out_dir"]) / "audit_summary.json").read_text())
+    assert summary["pixels_from"].startswith(f"image cache (raw, {pure.PIXELS_MIN_SIDE} px")
+    after = pd.read_csv(Path(again["out_dir"]) / "duplicates.csv", dtype=str, keep_default_na=False)
+    columns = ["image_uuid_a", "image_uuid_b", "kind", "split_a", "split_b"]
+    pd.testing.assert_frame_equal(after[columns].sort_values(columns[:2], ignore_index=True),
+                                  before[columns].sort_values(columns[:2], ignore_index=True))
+    assert set(after.loc[after["kind"] == "exact", "method"]) == {"blake2b"}
+
+    # a cache of smaller squares than the pixel check needs, or audit.image_cache=false: the files are decoded
+    small = cfg_factory(f"data.manifest={manifest}", "model=tiny")
+    cache_from_config(small).ensure(m_paths)
+    digests = [file_digest(p) for p in m_paths]
+    assert audit._cached_pixels(small, digests)[0] is None and cache_from_config(small).size < pure.PIXELS_MIN_SIDE
+    assert audit._cached_pixels(cfg_factory(*sized, "audit.image_cache=false"), digests)[0] is None
+    assert audit._cached_pixels(cfg, digests)[0] is not None
+    # a prefetched search is taken only for the same pixels and sizes
+    rows, args = audit._rows(audit.load_input(cfg)), audit._search_args(cfg)
+    inputs, _ = audit._search_inputs(cfg, rows)
+    assert inputs["pixels"] is not None and inputs["sizes"][rows.index[rows["image_uuid"] == "d1-small"][0]] == (36, 36)
+    same = audit._search_id(rows, args, inputs)
+    assert same == audit._search_id(rows, args, audit._search_inputs(cfg, rows)[0])
+    assert same != audit._search_id(rows, args, {**inputs, "pixels": None, "sizes": None})
+    assert same != audit._search_id(rows, args, {**inputs, "sizes": [(1, 2)] + inputs["sizes"][1:]})
+
+
+def test_embedding_neighbours_inside_the_step(tmp_path, cfg_factory):
+    # audit.embeddings: rows matched by image_uuid, pairs at cosine >= audit.min_cosine, its content in the key
+    from cleanloop.errors import CleanloopError
+    from cleanloop.oof_file import write_embeddings
+
+    manifest = _with_copies(tmp_path)
+    uuids = pd.read_csv(manifest, dtype=str)["image_uuid"].tolist()
+    emb = np.eye(len(uuids), 32, dtype=np.float32)
+    emb[uuids.index("bright-3")] = emb[uuids.index("dark-2")] + 0.05 * emb[uuids.index("bright-0")]  # cos 0.9988
+    order = np.random.default_rng(0).permutation(len(uuids))  # rows in another order than the manifest's
+    table = pd.DataFrame(emb[order], columns=[f"e{k}" for k in range(32)]).assign(
+        image_uuid=[uuids[r] for r in order])
+    table.to_parquet(tmp_path / "emb.parquet")
+
+    base = [*TINY, f"data.manifest={manifest}"]
+    plain = audit.run(cfg_factory(*base))
+    with_emb = audit.run(cfg_factory(*base, f"audit.embeddings={tmp_path / 'emb.parquet'}", "audit.min_cosine=0.99"))
+    assert with_emb["key"] != plain["key"]
+    pairs = pd.read_csv(Path(with_emb["out_dir"]) / "duplicates.csv", dtype=str, keep_default_na=False)
+    found = {(a, b): m for a, b, m in pairs[["image_uuid_a", "image_uuid_b", "method"]].itertuples(index=False)}
+    assert found[("bright-3", "dark-2")] == "embedding" and len(found) == 3  # and the two byte copies
+    assert with_emb["conflicting_label_clusters"] == 1  # bright-3 and dark-2: train rows, two labels
+
+    # the pair `oof` writes (embeddings.npy + embedding_ids.parquet) gives the same pairs; a new file, a new key
+    write_embeddings(tmp_path / "npy", emb[order] * 2.0, [uuids[r] for r in order])
+    from_npy = audit.run(cfg_factory(*base, f"audit.embeddings={tmp_path / 'npy'}", "audit.min_cosine=0.99"))
+    assert from_npy["key"] != with_emb["key"]
+    again = pd.read_csv(Path(from_npy["out_dir"]) / "duplicates.csv", dtype=str, keep_default_na=False)
+    assert set(zip(again["image_uuid_a"], again["image_uuid_b"], again["method"], strict=True)) == {
+        (a, b, m) for (a, b), m in found.items()}
+
+    # a prefetched search is taken only for the same embeddings, digests and min_cosine
+    cfg = cfg_factory(*base, f"audit.embeddings={tmp_path / 'npy'}", "audit.min_cosine=0.99")
+    rows, args = audit._rows(audit.load_input(cfg)), audit._search_args(cfg)
+    inputs, _ = audit._search_inputs(cfg, rows)
+    same = audit._search_id(rows, args, inputs)
+    assert same == audit._search_id(rows, args, audit._search_inputs(cfg, rows)[0])
+    for other in ({**inputs, "embeddings": None}, {**inputs, "embeddings": inputs["embeddings"] * 0.5},
+                  {**inputs, "digests": inputs["digests"][::-1]}):
+        assert audit._search_id(rows, args, other) != same
+    assert audit._search_id(rows, {**args, "min_cosine": 0.9}, inputs) != same
+
+    table[table["image_uuid"] != "mid-leak"].to_parquet(tmp_path / "short.parquet")
+    with pytest.raises(CleanloopError, match=r"no row for 1 of the manifest's 26 rows \(mid-leak\)"):
+        audit.run(cfg_factory(*base, f"audit.embeddings={tmp_path / 'short.parquet'}"))
+    with pytest.raises(CleanloopError, match="nowhere.parquet not found"):
+        audit.run(cfg_factory(*base, f"audit.embeddings={tmp_path / 'nowhere.parquet'}"))

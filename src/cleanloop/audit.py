@@ -6,7 +6,8 @@ candidates by perceptual hash (and embeddings), near pairs confirmed at pixel le
 
 Three ways to link two rows of a manifest:
 
-* ``sha256`` - the files' bytes are identical (:func:`content_hashes`);
+* ``sha256`` (or ``blake2b``) - the files' bytes are identical (:func:`content_hashes`, or the
+  digests a caller already has, e.g. the step's from :func:`cleanloop.lineage.content_digests`);
 * ``phash`` - their perceptual hashes (DCT hash of the grayscale image, :func:`perceptual_hashes`)
   differ in at most ``max_distance`` of 64 bits (:func:`hash_near_pairs`): resized and
   re-compressed copies;
@@ -25,10 +26,12 @@ labels; :func:`merge_groups` gives fold groups that keep linked rows together.
 
 Everything here is a pure function (arrays and DataFrames in and out), except the functions that
 read the image files (the two hash functions, :func:`thumbnails`, :func:`pixel_similarity` given
-paths, :func:`find_duplicates`). N is the number of rows. A manifest is a DataFrame with
-columns ``image_uuid``, ``path`` (absolute), ``label``, ``split`` (train/val/test) and optionally
-``group`` (e.g. patient id; blank or absent means unknown). Problems the user can fix raise
-:class:`~cleanloop.errors.CleanloopError` with one line saying what is wrong.
+paths, :func:`find_duplicates`); :func:`find_duplicates` reads no image file when it is given the
+files' digests and their pixels (``digests=``, ``pixels=``: the on-disk image cache's squares). N is
+the number of rows. A manifest is a DataFrame with columns ``image_uuid``, ``path`` (absolute),
+``label``, ``split`` (train/val/test) and optionally ``group`` (e.g. patient id; blank or absent
+means unknown). Problems the user can fix raise :class:`~cleanloop.errors.CleanloopError` with one
+line saying what is wrong.
 """
 
 from __future__ import annotations
@@ -139,6 +142,18 @@ _RERENDER_GATE = 0.9
 _FLAT_STD = 0.5  # a thumbnail whose pixels spread less than this (of 255) is flat: NCC is undefined
 
 _READ_BLOCK = 1 << 20  # bytes read at a time when hashing file contents
+# find_duplicates(pixels=...): the pixels of the rows come from the caller (the image cache), and
+# pixel_similarity renders its boxes from them too. pixel_similarity takes only file paths (as
+# strings), so each row is passed as "<prefix><token>/<row>/<file>", resolved by _rgb through the
+# (pixels, sizes) registered under its token for the duration of that call (one token per call, so
+# two searches at once, e.g. cycle's prefetch and a step, never read each other's pixels).
+_PIXELS_PREFIX = "\x00cleanloop-pixels:"
+_pixel_sources: dict[str, tuple[Sequence, Sequence | None]] = {}
+_pixel_tokens = itertools.count()
+# Smallest side of given pixels that find_duplicates takes as they are: a thumbnail is 32 px and the
+# pixel check renders boxes of at least PIXEL_MIN_SCALE of a side from them, so smaller squares
+# would be magnified (blurred); the step decodes the files instead.
+PIXELS_MIN_SIDE = 2 * THUMBNAIL_SIDE
 _MAX_LISTED = 5  # paths named in an error message
 
 PAIR_COLUMNS = (
@@ -180,11 +195,18 @@ def _map(func, items: Sequence, workers: int) -> list:
         return list(pool.map(func, items))
 
 
+def _shown(path: str) -> str:
+    """A path as a message names it: a row of given pixels by its file's path."""
+    if path.startswith(_PIXELS_PREFIX):
+        return f"{path.split('/', 2)[2]} (given pixels)"
+    return path
+
+
 def _map_files(func, paths: Sequence, workers: int, *, verb: str, what: str) -> list:
     """``func`` over the paths (None for a file it cannot use); any None is one CleanloopError listing them."""
     paths = [str(p) for p in paths]
     results = _map(func, paths, workers)
-    bad = [p for p, r in zip(paths, results, strict=True) if r is None]
+    bad = [_shown(p) for p, r in zip(paths, results, strict=True) if r is None]
     if bad:
         raise CleanloopError(f"cannot {verb} {len(bad)} of {len(paths)} {what}: {_listed(bad)}; "
                              "fix or remove them from the manifest")
@@ -261,7 +283,7 @@ def perceptual_hashes(paths: Sequence[str], *, hash_size: int = 8, workers: int 
 
     def phash(path):
         try:
-            bits = imagehash.phash(load_image(path), hash_size=hash_size).hash.ravel()
+            bits = imagehash.phash(_rgb(path), hash_size=hash_size).hash.ravel()
         except CleanloopError:
             return None
         # Pack most significant bit first, as imagehash's str() does.
@@ -628,9 +650,72 @@ def embedding_near_pairs(embeddings, *, min_cosine: float, k: int = EMBEDDING_K,
 # pixel-level confirmation
 
 
+def _rgb(path: str) -> Image.Image:
+    """The image decoded as training sees it (RGB), or a row of the pixels given to find_duplicates.
+
+    A path ``<_PIXELS_PREFIX><token>/<row>/<file>`` is row ``row`` of the pixel source registered
+    under ``token``: (H, W, 3) uint8, e.g. the image cache's square, taken as it is (no file read).
+    """
+    if not path.startswith(_PIXELS_PREFIX):
+        return load_image(path)
+    token, row, _ = path[len(_PIXELS_PREFIX):].split("/", 2)
+    try:
+        source, sizes = _pixel_sources[token]
+        pixels = np.asarray(source[int(row)], dtype=np.uint8)
+        if sizes is not None:
+            pixels = unpadded(pixels, sizes[int(row)])
+        return Image.fromarray(pixels if pixels.ndim == 2 else pixels[..., :3]).convert("RGB")
+    except (OSError, ValueError, IndexError, KeyError, TypeError) as e:
+        raise CleanloopError(f"{_shown(path)}: cannot read its pixels ({type(e).__name__}: {e})") from e
+
+
+def unpadded(square: np.ndarray, size) -> np.ndarray:
+    """The part of a padded square (:func:`cleanloop.imagecache.square_pixels`) that shows the image.
+
+    The image cache pads an image of ``size`` = (width, height) symmetrically to a square, then
+    resizes it; this cuts the bars off again, rounding inwards so that no pixel blended with a bar
+    is kept (at most one pixel of the image lost a side). A square image's square is returned whole.
+    Measured on tests/test_audit.py's images (README, the audit): with the bars kept, every crop that
+    changes the aspect ratio by a pixel or more, and 5 of 6 crops of a 4:3 photograph, score under
+    ``PIXEL_MIN_NCC`` (0.64-0.995) while the decoded files score 0.998-1.0; with them cut off, the
+    squares of 64 and 448 px confirm all of them (>= 0.9964), as the decoded files do.
+    """
+    w, h = (int(v) for v in size)
+    if w == h or w <= 0 or h <= 0:
+        return square
+    side = max(w, h)
+    scale_y, scale_x = square.shape[0] / side, square.shape[1] / side
+    left, top = (side - w) // 2, (side - h) // 2
+    x0, x1 = math.ceil(left * scale_x), math.floor((left + w) * scale_x)
+    y0, y1 = math.ceil(top * scale_y), math.floor((top + h) * scale_y)
+    return square[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
+
+
+def image_sizes(paths: Sequence[str], *, workers: int = 1) -> list[tuple[int, int]]:
+    """Each image's upright (width, height), from its header only (no decode): EXIF orientations
+    5-8 swap the two, as :func:`cleanloop.images.load_image` turns the image.
+
+    Raises
+    ------
+    CleanloopError
+        Files whose header cannot be read, listing the first few and their count.
+    """
+
+    def size(path):
+        try:
+            with Image.open(path) as img:
+                w, h = img.size
+                turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return None
+        return (h, w) if turned else (w, h)
+
+    return _map_files(size, paths, workers, verb="read the header of", what="image(s)")
+
+
 def _gray(path: str) -> Image.Image:
-    """The image decoded as training sees it, as float grayscale ("F": 0..255, no rounding)."""
-    return load_image(path).convert("L").convert("F")
+    """The image decoded as training sees it (:func:`_rgb`), as float grayscale ("F": 0..255, no rounding)."""
+    return _rgb(path).convert("L").convert("F")
 
 
 def _render(gray: Image.Image, side: int, box=None) -> np.ndarray:
@@ -971,7 +1056,7 @@ def duplicate_pairs(
     return _pairs_table(rows, _exact_pairs(content), _near_pairs(near, content, ("phash", "embedding")))
 
 
-def _exact_pairs(content: np.ndarray) -> pd.DataFrame:
+def _exact_pairs(content: np.ndarray, method: str = "sha256") -> pd.DataFrame:
     """Every pair (i < j) within each cluster of equal digests (clusters of copies are small)."""
     n = len(content)
     codes, _ = pd.factorize(content)
@@ -988,7 +1073,7 @@ def _exact_pairs(content: np.ndarray) -> pd.DataFrame:
     i = np.concatenate(exact_i) if exact_i else np.zeros(0, np.int64)
     j = np.concatenate(exact_j) if exact_j else np.zeros(0, np.int64)
     return pd.DataFrame({"i": np.minimum(i, j), "j": np.maximum(i, j), "similarity": 1.0,
-                         "method": "sha256", "kind": "exact"})
+                         "method": method, "kind": "exact"})
 
 
 def _near_pairs(near: pd.DataFrame, content: np.ndarray, methods: Sequence[str]) -> pd.DataFrame:
@@ -1047,10 +1132,13 @@ def find_duplicates(
     min_cosine: float = EMBEDDING_MIN_COSINE,
     k: int = EMBEDDING_K,
     workers: int = 1,
+    digests: Sequence[str] | None = None,
+    pixels: Sequence | None = None,
+    sizes: Sequence | None = None,
 ) -> pd.DataFrame:
     """Exact and near duplicate pairs of a manifest's images, near ones confirmed at pixel level.
 
-    1. ``exact``: files with equal sha256 digests (:func:`content_hashes`).
+    1. ``exact``: files with equal sha256 digests (:func:`content_hashes`), or equal ``digests``.
     2. Candidates: pairs whose perceptual hashes are within ``phash_max_distance`` bits
        (:func:`perceptual_hashes`, :func:`hash_near_pairs`) and, with ``embeddings``, pairs of
        k nearest neighbours at cosine >= ``min_cosine`` (:func:`embedding_near_pairs`).
@@ -1077,13 +1165,29 @@ def find_duplicates(
         For :func:`embedding_near_pairs`.
     workers : int
         Threads reading and decoding files.
+    digests : sequence of str, length N, optional
+        A digest of each row's file bytes that the caller already has (the step passes the
+        BLAKE2b digests of :func:`cleanloop.lineage.content_digests`, remembered by file stat):
+        equal digests make an ``exact`` pair, and the files are not read again to hash them.
+    pixels : sequence, length N, optional
+        ``pixels[r]``: row r's image as (H, W, 3) uint8 (or (H, W) grayscale), e.g. a
+        :class:`cleanloop.imagecache.CacheReader` of the rows' cached squares. The perceptual
+        hashes, thumbnails and the boxes the pixel check renders are then computed from these
+        pixels, as :func:`perceptual_hashes` and :func:`thumbnails` compute them from a decoded
+        file, and no image file is decoded. Give pixels of at least ``PIXELS_MIN_SIDE`` a side
+        (smaller ones are magnified by the pixel check's boxes). With ``digests`` too, no image
+        file is read but for ``sizes``' headers.
+    sizes : sequence of (width, height), length N, optional
+        With ``pixels`` that are padded squares (the image cache's): each row's upright size
+        (:func:`image_sizes`), so the bars are cut off (:func:`unpadded`) and the rest is hashed and
+        compared as the decoded file is. Without them a non-square image is compared with its bars.
 
     Returns
     -------
     DataFrame
         Columns ``PAIR_COLUMNS`` as :func:`duplicate_pairs`'s, one row per pair:
 
-        * ``exact``: similarity 1.0, method ``sha256``;
+        * ``exact``: similarity 1.0, method ``sha256`` (``blake2b`` with ``digests``);
         * ``near``: method ``pixels`` (a perceptual-hash or embedding candidate whose pixels are
           confirmed; similarity: the pixel NCC), ``embedding`` (cosine >= min_cosine, pixels not
           confirmed; similarity: the cosine) or ``pixels+embedding`` (both; the larger).
@@ -1103,23 +1207,41 @@ def find_duplicates(
         raise CleanloopError(f"min_pixel_ncc={min_pixel_ncc}: choose a correlation in [-1, 1]")
     paths = [str(p) for p in manifest["path"]]
     n = len(rows)
-    content = content_hashes(paths, workers=workers)
-    i, j, _ = hash_near_pairs(perceptual_hashes(paths, workers=workers), max_distance=phash_max_distance)
-    near = pd.DataFrame({"i": i, "j": j})
+    emb = None
     if embeddings is not None:
         emb = np.asarray(embeddings)
         _check_length("embeddings", len(emb), n)
-        ei, ej, cos = embedding_near_pairs(emb, min_cosine=min_cosine, k=k)
-        near = near.merge(pd.DataFrame({"i": ei, "j": ej, "embedding": cos}), on=["i", "j"], how="outer")
-        near = near.sort_values(["i", "j"], kind="stable").reset_index(drop=True)
-    near = near[content[near["i"].to_numpy()] != content[near["j"].to_numpy()]]  # exact pairs
-    ci, cj = near["i"].to_numpy(np.int64), near["j"].to_numpy(np.int64)
-    needed, local = np.unique(np.r_[ci, cj], return_inverse=True)
-    thumbs = thumbnails([paths[r] for r in needed], workers=workers)
-    score = pixel_similarity(thumbs, local[:len(ci)], local[len(ci):], paths=[paths[r] for r in needed],
-                             workers=workers)
+    if digests is not None:
+        content = np.array([str(d) for d in digests], dtype=object)
+        _check_length("digests", len(content), n)
+    if pixels is not None:
+        _check_length("pixels", len(pixels), n)
+    if sizes is not None:
+        _check_length("sizes", len(sizes), n)
+    if digests is None:
+        content = content_hashes(paths, workers=workers)
+    token = str(next(_pixel_tokens))
+    if pixels is not None:
+        _pixel_sources[token] = (pixels, sizes)
+        paths = [f"{_PIXELS_PREFIX}{token}/{r}/{p}" for r, p in enumerate(paths)]  # resolved by _rgb
+    try:
+        i, j, _ = hash_near_pairs(perceptual_hashes(paths, workers=workers), max_distance=phash_max_distance)
+        near = pd.DataFrame({"i": i, "j": j})
+        if emb is not None:
+            ei, ej, cos = embedding_near_pairs(emb, min_cosine=min_cosine, k=k)
+            near = near.merge(pd.DataFrame({"i": ei, "j": ej, "embedding": cos}), on=["i", "j"], how="outer")
+            near = near.sort_values(["i", "j"], kind="stable").reset_index(drop=True)
+        near = near[content[near["i"].to_numpy()] != content[near["j"].to_numpy()]]  # exact pairs
+        ci, cj = near["i"].to_numpy(np.int64), near["j"].to_numpy(np.int64)
+        needed, local = np.unique(np.r_[ci, cj], return_inverse=True)
+        thumbs = thumbnails([paths[r] for r in needed], workers=workers)
+        score = pixel_similarity(thumbs, local[:len(ci)], local[len(ci):], paths=[paths[r] for r in needed],
+                                 workers=workers)
+    finally:
+        _pixel_sources.pop(token, None)
     near = near.assign(pixels=np.where(score >= min_pixel_ncc, score, np.nan))
-    return _pairs_table(rows, _exact_pairs(content), _near_pairs(near, content, ("pixels", "embedding")))
+    method = "sha256" if digests is None else "blake2b"
+    return _pairs_table(rows, _exact_pairs(content, method), _near_pairs(near, content, ("pixels", "embedding")))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -132,6 +132,28 @@ class DiskImageCache:
             write_table(self.dir / "stats.parquet", stats.reset_index(drop=True))
         return out
 
+    def lookup(self, digests: Sequence[str]) -> CacheReader | None:
+        """A reader of the cached pixels of these byte digests when this store holds every one of them,
+        else None. Read-only: it never builds, locks or writes (the audit reads the cache only when
+        it is already there). ``reader[i]`` is ``digests[i]``'s (S, S, 3) square, as :meth:`ensure` gives it."""
+        formats = ("raw", "jpeg") if self.fmt_wanted == "auto" else (self.fmt_wanted,)
+        for fmt in formats:
+            if fmt == "raw":
+                index_path, pixels = self.dir / "raw" / "slots.parquet", self.dir / "raw" / "pixels.u8"
+                if not index_path.is_file() or not pixels.is_file():
+                    continue
+                slots = pd.read_parquet(index_path)
+                index = pd.Series(slots["slot"].to_numpy(np.int64), index=slots["digest"].to_numpy())
+                keys = index.reindex(list(digests))
+                # every slot indexed and inside the pixel file (an index is written only after its pixels)
+                if keys.isna().any() or (len(keys) and (keys.max() + 1) * self.slot_bytes > pixels.stat().st_size):
+                    continue
+                return CacheReader(str(self.dir / "raw"), self.size, "raw", keys.to_numpy(np.int64))
+            paths = [self._jpeg_path(d) for d in digests]
+            if (self.dir / "jpeg").is_dir() and all(p.is_file() for p in paths):
+                return CacheReader(str(self.dir / "jpeg"), self.size, "jpeg", [str(p) for p in paths])
+        return None
+
     # -- building ----------------------------------------------------------------------------
     def ensure(self, paths: Sequence[str]) -> CacheReader:
         """Cache every image in ``paths`` not cached yet; a reader whose ``keys[i]`` is ``paths[i]``'s entry."""

@@ -3,8 +3,9 @@
 A cleaned-vs-baseline comparison is only as honest as its test split: a copy of a train image in
 test flatters both models, and copies under two patient ids straddle "grouped" folds, where the
 OOF probability of a memorised twin hides its label error. This step finds the copies (content
-hash; perceptual hash confirmed at pixel level; optionally embedding neighbours) with the pure
-functions of :mod:`cleanloop.audit` and writes the ``audit/`` files of CONTRACT §3:
+hash; perceptual hash confirmed at pixel level; with ``audit.embeddings``, cosine neighbours of
+backbone embeddings) with the pure functions of :mod:`cleanloop.audit` and writes the ``audit/``
+files of CONTRACT §3:
 
 - ``duplicates.csv``: one row per linked pair (``image_uuid_a, image_uuid_b, kind, similarity,
   split_a, split_b, label_a, label_b, group_a, group_b, method``);
@@ -16,6 +17,16 @@ functions of :mod:`cleanloop.audit` and writes the ``audit/`` files of CONTRACT 
 
 Its metrics go to an MLflow ``audit`` run (``audit/leaks/train_test`` and the others of
 :func:`cleanloop.audit.summary_metrics`).
+
+What it reads. Exact copies come from the files' BLAKE2b digests that the step's cache key has
+just computed (:func:`cleanloop.lineage.content_digests`: read again only for files whose stat
+changed), not from another pass over the bytes. The perceptual hashes and thumbnails come from the
+on-disk image cache when it already holds every image of the manifest at ``model.image_size`` >=
+``PIXELS_MIN_SIDE`` (built by ``cleanloop cache`` or ``data.cache=true``; never built for the
+audit; ``audit.image_cache=false`` ignores it), else from decoding the files. The cache pads an
+image to square; its bars are cut off again (:func:`cleanloop.audit.unpadded`, each image's size
+read from its header), so both paths hash and compare the image stretched to a square, and give
+the same pairs (README, the audit). The log and ``audit_summary.json`` say which was used.
 """
 
 from __future__ import annotations
@@ -33,9 +44,10 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from cleanloop.config import file_hash
+from cleanloop.errors import CleanloopError
 from cleanloop.io import write_csv, write_json
 from cleanloop.steps.common import cached, entry_key, find_entry, load_input, out_path
-from cleanloop.steps.locate import audit_parts
+from cleanloop.steps.locate import audit_embedding_files, audit_parts
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +62,104 @@ _prefetched: dict[str, Future] = {}
 
 
 def _search_args(cfg: DictConfig) -> dict:
+    """The scalar settings of the search (its inputs are :func:`_search_inputs`)."""
     ac = cfg.audit
-    return {"phash_max_distance": int(ac.phash_max_distance), "min_pixel_ncc": float(ac.min_pixel_ncc),
+    args = {"phash_max_distance": int(ac.phash_max_distance), "min_pixel_ncc": float(ac.min_pixel_ncc),
             "workers": int(ac.workers)}
+    if ac.get("embeddings"):
+        args["min_cosine"] = float(ac.min_cosine)
+    return args
 
 
-def _search_id(rows: pd.DataFrame, args: dict) -> str:
+def _search_inputs(cfg: DictConfig, rows: pd.DataFrame) -> tuple[dict, dict]:
+    """The search's inputs beside the rows: the files' digests, the cached pixels (or None), the
+    embeddings (or None); and what they are, in words, for the log and the summary."""
+    from cleanloop.lineage import content_digests
+
+    digests, _ = content_digests([str(p) for p in rows["path"]], Path(cfg.paths.cache_dir) / "lineage",
+                                 workers=int(cfg.data.get("scan_workers", 4)))
+    unread = [str(p) for p, d in zip(rows["path"], digests, strict=True) if d == "missing"]
+    if unread:
+        raise CleanloopError(f"cannot read {len(unread)} of {len(rows)} image file(s): {', '.join(unread[:5])}"
+                             f"{' and more' if len(unread) > 5 else ''}; fix or remove them from the manifest")
+    pixels, source = _cached_pixels(cfg, digests)
+    sizes = None
+    if pixels is not None:  # the squares' bars are cut off again: headers only, no decode
+        from cleanloop.audit import image_sizes
+
+        sizes = image_sizes([str(p) for p in rows["path"]], workers=int(cfg.audit.workers))
+    files = audit_embedding_files(cfg)
+    embeddings = _read_embeddings(files, rows["image_uuid"].tolist(), cfg.audit.embeddings) if files else None
+    inputs = {"digests": digests, "pixels": pixels, "sizes": sizes, "embeddings": embeddings}
+    about = {"pixels": source, "embeddings": str(cfg.audit.embeddings) if files else None}
+    return inputs, about
+
+
+def _cached_pixels(cfg: DictConfig, digests: list[str]):
+    """A reader of the image cache's squares of these files when it holds all of them; else None.
+    Also the source in words."""
+    from cleanloop import audit
+    from cleanloop.imagecache import cache_from_config
+
+    if not cfg.audit.get("image_cache", True):
+        return None, "image files (audit.image_cache=false)"
+    cache = cache_from_config(cfg)
+    if cache.size < audit.PIXELS_MIN_SIDE:
+        return None, (f"image files (the image cache's {cache.size} px squares are under "
+                      f"{audit.PIXELS_MIN_SIDE} px)")
+    reader = cache.lookup(digests)
+    if reader is None:
+        return None, f"image files (no complete image cache at {cache.dir})"
+    return reader, f"image cache ({reader.fmt}, {cache.size} px, {cache.dir})"
+
+
+def _read_embeddings(files: list[Path], uuids: list[str], given) -> np.ndarray:
+    """The embeddings of ``files`` (:func:`cleanloop.steps.locate.audit_embedding_files`) as float32
+    rows in the order of ``uuids``, matched by image_uuid; every row must have one."""
+    try:
+        if len(files) == 2:  # embeddings.npy and embedding_ids.parquet, as oof writes them
+            emb = np.load(files[0])
+            ids = pd.read_parquet(files[1], columns=["image_uuid"])["image_uuid"]
+        else:
+            table = pd.read_parquet(files[0])
+            if "image_uuid" not in table.columns:
+                raise CleanloopError(f"audit.embeddings={given}: no image_uuid column")
+            ids, values = table["image_uuid"], table.drop(columns="image_uuid")
+            if values.shape[1] == 1 and values.iloc[:, 0].dtype == object:  # one column of vectors
+                emb = np.stack([np.asarray(v, dtype=np.float32) for v in values.iloc[:, 0]]) if len(values) \
+                    else np.zeros((0, 0), np.float32)
+            else:  # one numeric column per dimension
+                emb = values.to_numpy(dtype=np.float32)
+    except CleanloopError:
+        raise
+    except Exception as e:  # unreadable or ragged files: one line saying so
+        raise CleanloopError(f"audit.embeddings={given}: cannot read embeddings ({type(e).__name__}: {e})") from e
+    ids = ids.astype(str).str.strip()
+    if emb.ndim != 2 or len(emb) != len(ids):
+        raise CleanloopError(f"audit.embeddings={given}: {len(ids)} image_uuids for embeddings of shape {emb.shape}; "
+                             "expected one row of floats per image_uuid")
+    if ids.duplicated().any():
+        raise CleanloopError(f"audit.embeddings={given}: image_uuid {ids[ids.duplicated()].iloc[0]!r} has two rows")
+    position = pd.Series(np.arange(len(ids)), index=ids.to_numpy())
+    missing = [u for u in uuids if u not in position.index]
+    if missing:
+        raise CleanloopError(f"audit.embeddings={given}: no row for {len(missing)} of the manifest's {len(uuids)} "
+                             f"rows ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
+                             "embed every row of every split")
+    return emb[position.loc[uuids].to_numpy()].astype(np.float32)
+
+
+def _search_id(rows: pd.DataFrame, args: dict, inputs: dict) -> str:
+    """What a search searches: the rows, the settings and the inputs (digests, which pixels, embeddings)."""
     digest = hashlib.blake2b(pd.util.hash_pandas_object(rows, index=True).to_numpy().tobytes(), digest_size=16)
     digest.update(json.dumps(args, sort_keys=True).encode())
+    digest.update("\n".join(inputs["digests"]).encode())
+    pixels = inputs["pixels"]
+    if pixels is not None:  # a CacheReader: its store and the entries it reads
+        digest.update(json.dumps([pixels.root, pixels.size, pixels.fmt, [str(k) for k in pixels.keys],
+                                  [list(map(int, wh)) for wh in inputs["sizes"]]]).encode())
+    if inputs["embeddings"] is not None:
+        digest.update(np.ascontiguousarray(inputs["embeddings"]).tobytes())
     return digest.hexdigest()
 
 
@@ -79,18 +181,25 @@ def prefetch(cfg: DictConfig) -> bool:
     if bool(cfg.paths.get("reuse_steps", True)) and find_entry(cfg, "audit", audit_parts(cfg, m), m) is not None:
         return False
     rows, args = _rows(m), _search_args(cfg)
+    inputs, _ = _search_inputs(cfg, rows)
     first = rows.head(1)
-    audit.find_duplicates(pd.concat([first, first.assign(image_uuid=first["image_uuid"] + "~")]), **args)
+    if len(first):  # the same kinds of input as the search's, on one row twice
+        twice = [0, 0]
+        warm = {"digests": [inputs["digests"][r] for r in twice],
+                "pixels": None if inputs["pixels"] is None else [inputs["pixels"][r] for r in twice],
+                "sizes": None if inputs["sizes"] is None else [inputs["sizes"][r] for r in twice],
+                "embeddings": None if inputs["embeddings"] is None else inputs["embeddings"][twice]}
+        audit.find_duplicates(pd.concat([first, first.assign(image_uuid=first["image_uuid"] + "~")]), **args, **warm)
     future: Future = Future()
 
     def search() -> None:
         if future.set_running_or_notify_cancel():
             try:
-                future.set_result(audit.find_duplicates(rows, **args))
+                future.set_result(audit.find_duplicates(rows, **args, **inputs))
             except BaseException as e:  # noqa: BLE001 - raised again where the result is taken
                 future.set_exception(e)
 
-    _prefetched[_search_id(rows, args)] = future
+    _prefetched[_search_id(rows, args, inputs)] = future
     threading.Thread(target=search, name="cleanloop-audit-prefetch", daemon=True).start()
     return True
 
@@ -124,11 +233,14 @@ def _audit(cfg: DictConfig, m, out_dir: Path, key: str) -> dict:
     ac = cfg.audit
     rows = _rows(m)
     data_hash = file_hash(m.source)
+    args = _search_args(cfg)
+    inputs, about = _search_inputs(cfg, rows)  # before the run: a bad embeddings file fails no run
     with step_run(cfg, "audit", tags={"cleanloop.data": data_hash, "cleanloop.audit_key": key}) as run:
         log_dataset(m.df, m.source, name=manifest_dataset_name("input", m.source), context="audit", digest=data_hash)
-        args = _search_args(cfg)
-        started = _prefetched.pop(_search_id(rows, args), None)
-        pairs = started.result() if started is not None else audit.find_duplicates(rows, **args)
+        log.info("audit: hashes and thumbnails from the %s; exact copies by the BLAKE2b digests of the cache key%s",
+                 about["pixels"], f"; embedding neighbours from {about['embeddings']}" if about["embeddings"] else "")
+        started = _prefetched.pop(_search_id(rows, args, inputs), None)
+        pairs = started.result() if started is not None else audit.find_duplicates(rows, **args, **inputs)
         leakage = audit.leakage_per_class(pairs, rows, classes=m.classes)
         conflicts = audit.conflicting_label_rows(pairs, rows)
         train = rows[rows["split"] == "train"].reset_index(drop=True)
@@ -143,7 +255,8 @@ def _audit(cfg: DictConfig, m, out_dir: Path, key: str) -> dict:
         _montage(pairs, rows, out_dir / "duplicate_pairs.png", render_montage)
         summary = {"n_rows": len(rows), "n_pairs": len(pairs), "metrics": metrics, "run_id": run.info.run_id,
                    "phash_max_distance": int(ac.phash_max_distance), "min_pixel_ncc": float(ac.min_pixel_ncc),
-                   "seconds": round(time.time() - t0, 1)}
+                   "pixels_from": about["pixels"], "embeddings": about["embeddings"],
+                   "min_cosine": args.get("min_cosine"), "seconds": round(time.time() - t0, 1)}
         write_json(out_dir / "audit_summary.json", summary)
         mlflow.log_metrics(metrics)
         log_artifact_files([out_dir / n for n in AUDIT_FILES])

@@ -36,9 +36,56 @@ def oof_entry_key(cfg: DictConfig, m) -> tuple[str, dict]:
 
 
 def audit_parts(cfg: DictConfig, m) -> dict:
-    """The audit's part of the key: the manifest and the options that change its pairs."""
-    return {"data": file_hash(m.source),
-            "audit": {k: cfg.audit[k] for k in ("phash_max_distance", "min_pixel_ncc")}}
+    """The audit's part of the key: the manifest and the options that change its pairs; with
+    ``audit.embeddings``, the embeddings files' content and ``audit.min_cosine`` (only then, so the
+    keys of audits without embeddings stay as they were)."""
+    parts = {"data": file_hash(m.source),
+             "audit": {k: cfg.audit[k] for k in ("phash_max_distance", "min_pixel_ncc")}}
+    files = audit_embedding_files(cfg)
+    if files:
+        parts["embeddings"] = {"files": [_content_hash(f) for f in files], "min_cosine": float(cfg.audit.min_cosine)}
+    return parts
+
+
+def audit_embedding_files(cfg: DictConfig) -> list[Path]:
+    """The file(s) ``audit.embeddings`` names, as the audit reads them; empty when it is not set.
+
+    A ``.parquet`` with an ``image_uuid`` column (other than ``embedding_ids.parquet``) is one file;
+    otherwise the pair ``oof`` writes: ``embeddings.npy`` and ``embedding_ids.parquet`` beside it
+    (the setting names either file or their folder).
+    """
+    given = cfg.audit.get("embeddings") if cfg.get("audit") is not None else None
+    if not given:
+        return []
+    path = Path(str(given)).expanduser()
+    if path.is_dir():
+        files = [path / EMBEDDINGS, path / EMBEDDING_IDS]
+    elif path.suffix == ".npy":
+        files = [path, path.with_name(EMBEDDING_IDS)]
+    elif path.name == EMBEDDING_IDS:
+        files = [path.with_name(EMBEDDINGS), path]
+    elif path.suffix == ".parquet":
+        files = [path]
+    else:
+        raise CleanloopError(f"audit.embeddings={given}: give a .parquet with an image_uuid column, or an .npy "
+                             f"with {EMBEDDING_IDS} beside it (the files `oof` writes), or their folder")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CleanloopError(f"audit.embeddings={given}: {', '.join(missing)} not found")
+    return files
+
+
+_hashed: dict[tuple, str] = {}  # (path, size, mtime, ctime, inode) -> content hash, for this process
+
+
+def _content_hash(path: Path) -> str:
+    """:func:`file_hash`, remembered by the file's stat (embeddings of 121,514 rows are 280 MB; the
+    audit's key is looked up by several steps of a cycle)."""
+    st = path.stat()
+    sig = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if sig not in _hashed:
+        _hashed[sig] = file_hash(path)
+    return _hashed[sig]
 
 
 def audit_output(cfg: DictConfig, m, name: str) -> Path:
