@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -152,6 +153,7 @@ class _Zygote:
             if cls.proc.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"tests/zygote.py did not start (exit {cls.proc.wait()})")
             atexit.register(cls.proc.kill)
+            atexit.register(shutil.rmtree, folder, True)
         return cls.path
 
 
@@ -166,8 +168,11 @@ class ForkedCli:
     def __init__(self, *args: str, cwd: Path, env: dict | None = None, out: Path | None = None,
                  err: Path | None = None):
         self.args = [str(Path(sys.executable).with_name("cleanloop")), *args]
-        folder = Path(tempfile.mkdtemp(prefix="cleanloop-run-"))
-        self.out = Path(out) if out else folder / "stdout"
+        if out is None:  # removed when this test process exits
+            folder = tempfile.mkdtemp(prefix="cleanloop-run-")
+            atexit.register(shutil.rmtree, folder, True)
+            out = Path(folder) / "stdout"
+        self.out = Path(out)
         self.err = Path(err) if err else self.out
         self.returncode: int | None = None
         self._buf = b""
