@@ -385,6 +385,23 @@ def _recall_table(cfg: DictConfig, classes: list[str], labels: np.ndarray, boot:
     }).sort_values(["issue_rate", "class"], ascending=[False, True], kind="mergesort").reset_index(drop=True)
 
 
+def _variant_split(cfg: DictConfig, name: str, classes: list[str], labels: np.ndarray, preds_a: np.ndarray,
+         preds_b: np.ndarray, out_dir: Path) -> dict:
+    """The comparison on a variant of the test split (``deleaked``, ``corrected``), beside the raw one:
+    ``recall_deltas_<name>.csv``, ``<name>/delta/<stat>`` metrics with bounds; returns {stat: figures}."""
+    cc = cfg.compare
+    boot = paired_bootstrap(labels, preds_a, preds_b, num_classes=len(classes), n_bootstrap=cc.n_bootstrap,
+                            confidence=cc.confidence, seed=cc.seed)
+    write_csv(out_dir / f"recall_deltas_{name}.csv", _recall_table(cfg, classes, labels, boot))
+    out = {}
+    for stat in STATISTICS:
+        s = boot[stat]
+        out[stat] = {k: float(v) for k, v in s.items()}
+        mlflow.log_metrics({f"{name}/delta/{stat}": float(s["delta"]), f"{name}/delta/{stat}/ci_low": float(s["ci_low"]),
+                            f"{name}/delta/{stat}/ci_high": float(s["ci_high"])})
+    return out
+
+
 def _compare(cfg: DictConfig, pairs: list[tuple[str, str]], out_dir: Path, leaked: set[str] | None = None,
              test_decisions: Path | None = None) -> dict:
     classes, labels, preds_a, preds_b, uuids = _aligned(pairs)
@@ -430,16 +447,9 @@ def _compare(cfg: DictConfig, pairs: list[tuple[str, str]], out_dir: Path, leake
             keep = ~np.isin(np.asarray(uuids, dtype=object), list(leaked))
             summary["deleaked"] = {"n_test": int(keep.sum()), "n_excluded": int((~keep).sum())}
             if keep.any():
-                clean = paired_bootstrap(labels[keep], preds_a[:, keep], preds_b[:, keep], num_classes=len(classes),
-                                         n_bootstrap=cc.n_bootstrap, confidence=cc.confidence, seed=cc.seed)
-                write_csv(out_dir / "recall_deltas_deleaked.csv", _recall_table(cfg, classes, labels[keep], clean))
+                summary["deleaked"].update(_variant_split(cfg, "deleaked", classes, labels[keep], preds_a[:, keep],
+                                                preds_b[:, keep], out_dir))
                 artifacts.append(out_dir / "recall_deltas_deleaked.csv")
-                for stat in STATISTICS:
-                    s = clean[stat]
-                    summary["deleaked"][stat] = {k: float(v) for k, v in s.items()}
-                    mlflow.log_metrics({f"deleaked/delta/{stat}": float(s["delta"]),
-                                        f"deleaked/delta/{stat}/ci_low": float(s["ci_low"]),
-                                        f"deleaked/delta/{stat}/ci_high": float(s["ci_high"])})
             mlflow.log_metric("deleaked/n_excluded", summary["deleaked"]["n_excluded"])
             log.info("compare: audit.test_leaks=exclude: %d of %d test rows have a copy in train; without them "
                      "balanced accuracy delta %s (compare/recall_deltas_deleaked.csv)", int((~keep).sum()),
@@ -452,16 +462,9 @@ def _compare(cfg: DictConfig, pairs: list[tuple[str, str]], out_dir: Path, leake
                                     "n_decisions": len(decisions),
                                     "n_train_decisions_ignored": int(decisions.attrs.get("n_train_rows", 0))}
             if keep.any():
-                boot_c = paired_bootstrap(fixed[keep], preds_a[:, keep], preds_b[:, keep], num_classes=len(classes),
-                                          n_bootstrap=cc.n_bootstrap, confidence=cc.confidence, seed=cc.seed)
-                write_csv(out_dir / "recall_deltas_corrected.csv", _recall_table(cfg, classes, fixed[keep], boot_c))
+                summary["corrected"].update(_variant_split(cfg, "corrected", classes, fixed[keep], preds_a[:, keep],
+                                                 preds_b[:, keep], out_dir))
                 artifacts.append(out_dir / "recall_deltas_corrected.csv")
-                for stat in STATISTICS:
-                    s = boot_c[stat]
-                    summary["corrected"][stat] = {k: float(v) for k, v in s.items()}
-                    mlflow.log_metrics({f"corrected/delta/{stat}": float(s["delta"]),
-                                        f"corrected/delta/{stat}/ci_low": float(s["ci_low"]),
-                                        f"corrected/delta/{stat}/ci_high": float(s["ci_high"])})
             mlflow.log_metrics({"corrected/n_removed": summary["corrected"]["n_removed"],
                                 "corrected/n_relabelled": relabelled})
             ba_c = summary["corrected"].get("balanced_accuracy")
