@@ -84,8 +84,9 @@ def test_merge_names_missing_folds_and_a_failed_oof_resumes_from_its_fold_entrie
     fold and the command that computes it; a plain `oof` then trains only that fold."""
     from cleanloop.steps import oof
 
+    # trainer.jobs=1: the folds train in this process, where the patched fit_predict counts them
     args = [f"data.manifest={tiny_manifest}", *FAST, "oof.n_folds=2", f"paths.root_dir={tmp_path}",
-            "tracking.experiment=test"]
+            "tracking.experiment=test", "trainer.jobs=1"]
     real, calls = oof.fit_predict, []
 
     def second_fold_fails(*a, **kw):

@@ -166,11 +166,11 @@ def test_forced_rebuild_killed_at_any_point_leaves_a_whole_entry(manifest, tmp_p
     from cleanloop.steps import oof
 
     caplog.set_level(logging.INFO, logger="cleanloop")
-    cfg = cfg_for(tmp_path, manifest)
+    cfg = cfg_for(tmp_path, manifest, "trainer.jobs=1")  # folds in this process, where the patch below counts them
     first = oof.run(cfg)
     old = assert_whole(Path(first["dir"]))
     old_folds = fold_markers(tmp_path)
-    forced = cfg_for(tmp_path, manifest, "paths.reuse_steps=false")
+    forced = cfg_for(tmp_path, manifest, "paths.reuse_steps=false", "trainer.jobs=1")
 
     caplog.clear()
     real, calls = oof.fit_predict, []

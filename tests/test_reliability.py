@@ -149,7 +149,8 @@ def test_a_failed_fold_fails_the_step_and_publishes_no_oof(tiny_manifest, tmp_pa
     from conftest import make_cfg
 
     cfg = make_cfg(tmp_path, "data=manifest", f"data.manifest={tiny_manifest}", "data.num_workers=0",
-                   "recipe.epochs=1", "oof.n_folds=2", "model=tiny", "model.image_size=16", "model.config.image_size=16")
+                   "recipe.epochs=1", "oof.n_folds=2", "model=tiny", "model.image_size=16", "model.config.image_size=16",
+                   "trainer.jobs=1")  # the folds in this process, where the patch below counts them
     real, calls = oof.fit_predict, []
 
     def second_fold_fails(*args, **kwargs):

@@ -29,6 +29,7 @@ from cleanloop.data import ManifestDataModule, set_memory_cache
 from cleanloop.errors import CleanloopError
 from cleanloop.imagecache import cache_from_config
 from cleanloop.model import Classifier, backbone_from_config
+from cleanloop.parallel import apply_threads
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,7 @@ def make_datamodule(cfg: DictConfig, classes: Sequence[str], train: pd.DataFrame
 def make_trainer(cfg: DictConfig, *, callbacks: list | None = None, root_dir: str | None = None,
                  validate: bool = False, max_steps: int = -1) -> L.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs.pop("jobs", None)  # cleanloop's, not Lightning's: trainings side by side (cleanloop.parallel)
     if int(kwargs.get("num_nodes", 1)) > 1:
         # under ddp_spawn each node's cleanloop process would run the whole step: every node would write
         # the outputs and MLflow runs, and merge only its own ranks' predictions (a node-local folder)
@@ -379,6 +381,7 @@ def predict(cfg: DictConfig, module: Classifier, frames: dict[str, pd.DataFrame]
     """
     if not frames:
         return {}
+    apply_threads(cfg)
     dm = make_datamodule(cfg, module.classes, None, predict=frames)
     with tempfile.TemporaryDirectory() as tmp:
         writer = RankPredictionWriter(Path(tmp))
@@ -405,6 +408,7 @@ def fit_predict(
     ``recipe.checkpoint=best_val`` selects on. The module's ``fit_info`` records the budget, the steps
     trained and the checkpoint evaluated.
     """
+    apply_threads(cfg)  # trainer.jobs: the same thread count wherever this training runs
     L.seed_everything(cfg.recipe.seed, workers=True, verbose=False)
     module = build_module(cfg, classes)
     module.train()  # from_pretrained hands back eval mode

@@ -34,9 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +56,7 @@ MONTAGE_PAIRS = 20  # cross-split pairs drawn in duplicate_pairs.png (two cells 
 
 # Searches started by prefetch(), by what they search (_search_id): a search is only ever taken
 # for the same rows and settings it was started with.
-_prefetched: dict[str, Future] = {}
+_prefetched: dict = {}  # search id -> the started search (cleanloop.parallel.submit)
 
 
 def _search_args(cfg: DictConfig) -> dict:
@@ -164,16 +162,17 @@ def _search_id(rows: pd.DataFrame, args: dict, inputs: dict) -> str:
 
 
 def prefetch(cfg: DictConfig) -> bool:
-    """Start this config's duplicate search in a background thread; True if one was started.
+    """Start this config's duplicate search in a forked process; True if one was started.
 
-    ``cycle`` calls it before it loads torch, Lightning and transformers (about 12 s of imports on
-    this project's 2-core machine, bench/RESULTS.md B5): the search (numpy, PIL and hashlib, which
-    release the GIL for most of their work) runs beside the imports, and :func:`run` takes its
-    result for the same rows and settings. Nothing is started when the audit is off or its cache
-    entry is finished (it will be reused). The search's own lazy imports are done here first, on
-    one image, so the thread imports nothing while the main thread imports the rest.
+    ``cycle`` calls it before it loads torch, Lightning and transformers (about 11 s of imports on
+    this project's 2-core machine, bench/RESULTS.md B5): the search (about 8 s on the demo, mostly
+    the pixel check of the perceptual-hash candidates) runs on another core beside the imports, in a
+    process of its own (a thread would share the interpreter lock with the imports), and :func:`run`
+    takes its result for the same rows and settings. Nothing is started when the audit is off or its
+    cache entry is finished (it will be reused). The fork happens before torch loads, so the child
+    shares no thread pool with the parent (cleanloop.parallel).
     """
-    from cleanloop import audit
+    from cleanloop import audit, parallel
 
     if not cfg.audit.get("enabled", True):
         return False
@@ -182,25 +181,8 @@ def prefetch(cfg: DictConfig) -> bool:
         return False
     rows, args = _rows(m), _search_args(cfg)
     inputs, _ = _search_inputs(cfg, rows)
-    first = rows.head(1)
-    if len(first):  # the same kinds of input as the search's, on one row twice
-        twice = [0, 0]
-        warm = {"digests": [inputs["digests"][r] for r in twice],
-                "pixels": None if inputs["pixels"] is None else [inputs["pixels"][r] for r in twice],
-                "sizes": None if inputs["sizes"] is None else [inputs["sizes"][r] for r in twice],
-                "embeddings": None if inputs["embeddings"] is None else inputs["embeddings"][twice]}
-        audit.find_duplicates(pd.concat([first, first.assign(image_uuid=first["image_uuid"] + "~")]), **args, **warm)
-    future: Future = Future()
-
-    def search() -> None:
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(audit.find_duplicates(rows, **args, **inputs))
-            except BaseException as e:  # noqa: BLE001 - raised again where the result is taken
-                future.set_exception(e)
-
-    _prefetched[_search_id(rows, args, inputs)] = future
-    threading.Thread(target=search, name="cleanloop-audit-prefetch", daemon=True).start()
+    _prefetched[_search_id(rows, args, inputs)] = parallel.submit(
+        "audit", lambda: audit.find_duplicates(rows, **args, **inputs))
     return True
 
 

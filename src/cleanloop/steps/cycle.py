@@ -17,6 +17,7 @@ from typing import Any
 import mlflow
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cleanloop import parallel
 from cleanloop.config import file_hash
 from cleanloop.io import write_json
 from cleanloop.steps import audit, compare, flag, oof, prune, review, train
@@ -58,10 +59,10 @@ def run(cfg: DictConfig) -> dict:
     run_ids: dict[str, str] = {}
     results: dict[str, dict] = {}
 
-    def step(name: str, fn: Callable[[], dict]) -> dict:
+    def step(name: str, fn: Callable[[], dict], seconds: float | None = None) -> dict:
         t0 = time.time()
         info = fn()
-        timings[name] = round(time.time() - t0, 1)
+        timings[name] = round(time.time() - t0, 1) if seconds is None else seconds
         run_ids[name] = info.get("run_id", "")
         if info.get("reused"):
             log.info("cycle: %s skipped: outputs for the same inputs and config exist (key %s, run %s)",
@@ -81,14 +82,26 @@ def run(cfg: DictConfig) -> dict:
         # compare.seeds pairs: seed s trains baseline and cleaned on the one cleaned manifest above;
         # the first pair publishes to train/<role>/, the others to train/<role>/seed-<s>/.
         seeds = [int(cfg.recipe.seed) + i for i in range(max(1, int(cfg.compare.get("seeds", 1))))]
-        pairs = []
+        trainings = []
         for i, seed in enumerate(seeds):
             suffix = "" if i == 0 else f"-seed{seed}"
             for role in ("baseline", "cleaned"):
                 rcfg = _with(cfg, role=role, **{"recipe.seed": seed, "cleaned_manifest": prune_info["path"]})
                 publish = None if i == 0 else out_path(cfg, "train", role, f"seed-{seed}")
-                step(f"train-{role}{suffix}", lambda rcfg=rcfg, publish=publish: train.run(rcfg, publish_to=publish))
-            pairs.append((run_ids[f"train-baseline{suffix}"], run_ids[f"train-cleaned{suffix}"]))
+                trainings.append((f"train-{role}{suffix}",
+                                  lambda rcfg=rcfg, publish=publish: train.run(rcfg, publish_to=publish)))
+        # trainer.jobs > 1 (CPU): the trainings at once, in worker processes (cleanloop.parallel); each
+        # writes its cache entry and run as it would here, and the steps below take its result
+        n_jobs = parallel.jobs(cfg)
+        ahead = parallel.run(trainings, n_jobs) if n_jobs > 1 and len(trainings) > 1 else {}
+        for name, fn in trainings:
+            if name in ahead:
+                info, seconds = ahead[name]
+                step(name, lambda info=info: info, seconds)
+            else:
+                step(name, fn)
+        pairs = [(run_ids[f"train-baseline{s}"], run_ids[f"train-cleaned{s}"])
+                 for s in ["" if i == 0 else f"-seed{seed}" for i, seed in enumerate(seeds)]]
         # the test rows, scored by the baselines just trained (their saved test probabilities, no inference)
         baselines = [Path(info["dir"]) / "test_predictions.parquet" for name, info in results.items()
                      if name.startswith("train-baseline")]

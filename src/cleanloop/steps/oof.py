@@ -19,6 +19,7 @@ folds and file for a fraction of the cost, when the backbone is pretrained.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, open_dict
 
 from cleanloop import lineage as lineage_mod
+from cleanloop import parallel
 from cleanloop.config import file_hash
 from cleanloop.errors import CleanloopError
 from cleanloop.folds import FoldGroups, assign_folds, fold_groups
@@ -250,24 +252,43 @@ def _kfold(cfg: DictConfig, train: pd.DataFrame, labels: np.ndarray, classes: li
             with cache.claim(FOLD_STEP, job.key) as entry:
                 entry.unmark()
     runs, run_ids = [], {}
+    fold_columns = []
     for r in range(repeats):
-        mine = [j for j in jobs if j.repeat == r]
-        rcfg = mine[0].cfg
+        rcfg = next(j for j in jobs if j.repeat == r).cfg
         if repeats > 1:
             log.info("oof: repeat %d/%d (oof.seed=%d, recipe.seed=%d)", r + 1, repeats, rcfg.oof.seed,
                      rcfg.recipe.seed)
-        folds = _folds(rcfg, train, labels, plan)
+        fold_columns.append(_folds(rcfg, train, labels, plan))
+    found = _folds_side_by_side(cfg, jobs, fold_columns, train, labels, classes, forced=forced) if may_train else {}
+    for r, folds in enumerate(fold_columns):
         probs = np.zeros((len(train), len(classes)), dtype=np.float32)
-        for job in mine:
+        for job in (j for j in jobs if j.repeat == r):
             held = folds == job.fold
-            found = _fold(job, train, labels, classes, held, forced=forced, may_train=may_train)
-            if found is None:  # oof.merge, and the fold's entry went since the check (evicted meanwhile)
+            got = found.get(job.name) or _fold(job, train, labels, classes, held, forced=forced, may_train=may_train)
+            if got is None:  # oof.merge, and the fold's entry went since the check (evicted meanwhile)
                 raise _missing_error(cfg, [job.fold], key)
-            probs[held], run_ids[job.name] = found
+            probs[held], run_ids[job.name] = got
         runs.append((probs, folds))
     if repeats == 1:
         return runs[0][0], runs[0][1], run_ids
     return np.mean([p for p, _ in runs], axis=0).astype(np.float32), runs[0][1], run_ids
+
+
+def _folds_side_by_side(cfg: DictConfig, jobs: list[FoldJob], fold_columns: list[np.ndarray], train: pd.DataFrame,
+                        labels: np.ndarray, classes: list[str], *, forced: bool) -> dict[str, tuple[np.ndarray, str]]:
+    """With ``trainer.jobs`` > 1: the folds still to train, trained in that many worker processes at once
+    (:mod:`cleanloop.parallel`); their held-out probabilities and run ids by fold name. Empty otherwise,
+    and the caller trains (or reuses) each fold in this process."""
+    n_jobs = parallel.jobs(cfg)
+    cache = step_cache(cfg)
+    todo = [job for job in jobs if forced or cache.find(FOLD_STEP, job.key) is None]
+    if n_jobs < 2 or len(todo) < 2:
+        return {}
+    log.info("oof: training %d folds %d at a time (trainer.jobs=%s, %d thread(s) each)", len(todo), n_jobs,
+             cfg.trainer.get("jobs"), parallel.threads(cfg))
+    units = [(job.name, functools.partial(_fold, job, train, labels, classes, fold_columns[job.repeat] == job.fold,
+                                          forced=forced)) for job in todo]
+    return {name: got for name, (got, _) in parallel.run(units, n_jobs).items()}
 
 
 def _fold(job: FoldJob, train: pd.DataFrame, labels: np.ndarray, classes: list[str], held: np.ndarray, *,
