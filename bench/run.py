@@ -192,23 +192,33 @@ def script_json(script: str, *args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def b5(repeats: int) -> dict:
-    """`cleanloop cycle` on the demo in a fresh folder (cold: demo build, MLflow store, every step)."""
+def b5(repeats: int, m: dict) -> dict:
+    """`cleanloop cycle` on the demo in a fresh folder (cold: demo build, MLflow store, every step):
+    ``repeats`` runs as configured (trainer.jobs=auto), then one with ``trainer.jobs=1`` (trainings one
+    after another) for comparison. Raw figures to bench/results/b5-cycle.json."""
     exe = Path(sys.executable).with_name("cleanloop")
-    walls = []
-    for _ in range(repeats):
-        with tempfile.TemporaryDirectory(prefix="cleanloop-b5-") as tmp:
-            t0 = time.perf_counter()
-            # a fresh user cache too: no MLflow store template yet, as on a new machine (store_template)
-            env = {**os.environ, "XDG_CACHE_HOME": str(Path(tmp) / "xdg-cache")}
-            proc = subprocess.run([str(exe), "cycle", f"paths.root_dir={tmp}"], cwd=tmp, capture_output=True, text=True,
-                                  env=env)
-            walls.append(time.perf_counter() - t0)
-            if proc.returncode != 0:
-                raise RuntimeError(f"cleanloop cycle failed:\n{proc.stderr[-3000:]}")
-            summary = json.loads((Path(tmp) / "outputs" / "demo" / "summary.json").read_text())
-        print(f"  cycle {walls[-1]:.1f} s", flush=True)
-    return {"wall_s": (min(walls), statistics.median(walls)), "repeats": repeats, "summary": summary}
+    out = {"when": m["date"], "commit": m["commit"], "machine": {k: m[k] for k in ("cpu", "cores", "ram_gib")},
+           "modes": {}}
+    for mode, extra, n in (("trainer.jobs=auto", [], repeats), ("trainer.jobs=1", ["trainer.jobs=1"], 1)):
+        walls, seconds = [], []
+        for _ in range(n):
+            with tempfile.TemporaryDirectory(prefix="cleanloop-b5-") as tmp:
+                load = os.getloadavg()[0]
+                t0 = time.perf_counter()
+                # a fresh user cache too: no MLflow store template yet, as on a new machine (store_template)
+                env = {**os.environ, "XDG_CACHE_HOME": str(Path(tmp) / "xdg-cache")}
+                proc = subprocess.run([str(exe), "cycle", f"paths.root_dir={tmp}", *extra], cwd=tmp,
+                                      capture_output=True, text=True, env=env)
+                walls.append(round(time.perf_counter() - t0, 1))
+                if proc.returncode != 0:
+                    raise RuntimeError(f"cleanloop cycle failed:\n{proc.stderr[-3000:]}")
+                summary = json.loads((Path(tmp) / "outputs" / "demo" / "summary.json").read_text())
+            seconds.append(summary.get("seconds", {}))
+            print(f"  cycle ({mode}) {walls[-1]:.1f} s (load before {load:.2f})", flush=True)
+        out["modes"][mode] = {"wall_s": walls, "seconds": seconds, "verdict": summary["verdict"]["text"]}
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "b5-cycle.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,21 +420,34 @@ def b7_section(args: list[str]) -> str:
 
 
 def b5_section(r: dict, m: dict) -> str:
-    secs = r["summary"].get("seconds", {})
+    rows, steps = [], []
+    for mode, x in r["modes"].items():
+        walls = x["wall_s"]
+        inside = statistics.median(s.get("total", float("nan")) for s in x["seconds"])
+        rows.append(f"| {mode} | {len(walls)} | {', '.join(f'{w:.1f}' for w in walls)} | "
+                    f"{min(walls):.1f} / {statistics.median(walls):.1f} | {inside:.1f} |")
+        last = x["seconds"][-1]
+        steps.append(f"- {mode}, last run (s): " + ", ".join(f"{k} {v:.1f}" for k, v in last.items() if k != "total")
+                     + ".")
+    verdicts = {x["verdict"] for x in r["modes"].values()}
     return "\n".join([
         "## B5: `make cycle` on the demo",
         "",
-        f"Measured {m['date']} at commit {m['commit']}.",
+        f"Measured {m['date']} at commit {m['commit']} (raw: bench/results/b5-cycle.json).",
         "`cleanloop cycle` (what `make cycle` runs once the venv exists) in a fresh temporary folder: builds the demo,",
         "the MLflow store (and its per-version template, in a fresh `XDG_CACHE_HOME`), the audit, the folds, flags,",
-        "review page, prune, both trainings and the comparison; nothing cached.",
+        "review page, prune, three seed pairs of trainings and the comparison; nothing cached. `trainer.jobs=auto`",
+        "(the CPU default) trains two at a time on this 2-core machine, one thread each; `trainer.jobs=1` trains one",
+        "after another with torch's default threads (README \"Trainings side by side\").",
         "",
-        "| runs | wall s (min / median) | inside the cycle (its own timer) |",
-        "|---:|---:|---:|",
-        f"| {r['repeats']} | {mm(r['wall_s'], '.1f')} | {secs.get('total', float('nan')):.1f} |",
+        "| trainer.jobs | runs | wall s | wall s (min / median) | inside the cycle (its own timer, median) |",
+        "|---|---:|---|---:|---:|",
+        *rows,
         "",
-        "Per step, last run (s): " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items() if k != "total") + ".",
-        "The rest of the wall time is the process start (imports) and the demo build.",
+        "Per step (a training's own time, in its worker where it ran in one; side by side they overlap):",
+        *steps,
+        "The rest of the wall time is the process start (imports, the MLflow store) and the demo build.",
+        "Verdict" + (" (both settings)" if len(verdicts) == 1 else "s") + ": " + " / ".join(sorted(verdicts)),
     ])
 
 
@@ -583,8 +606,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"B4: oof=embed vs oof=kfold on the demo, {a.b4_repeats} repeats", flush=True)
         sections["b4"] = b4_section(script_json("b4.py", "--repeats", str(a.b4_repeats)), m)
     if "b5" in parts:
-        print(f"B5: cleanloop cycle on the demo, {a.b5_repeats} run(s)", flush=True)
-        sections["b5"] = b5_section(b5(a.b5_repeats), m)
+        print(f"B5: cleanloop cycle on the demo, {a.b5_repeats} run(s) + one with trainer.jobs=1", flush=True)
+        sections["b5"] = b5_section(b5(a.b5_repeats, m), m)
     if "b9" in parts:
         print(f"B9: one demo training under the CPU speed options, {a.b9_repeats} repeats", flush=True)
         sections["b9"] = b9_section(script_json("b9.py", "--repeats", str(a.b9_repeats)), m)

@@ -14,7 +14,7 @@ import pytest
 
 from cleanloop.cache import DONE
 
-from conftest import ForkedCli, make_cfg, run_main
+from conftest import ForkedCli, make_cfg, run_cli, run_main
 
 FAST = ["data=manifest", "model=tiny", "model.image_size=16", "model.config.image_size=16", "recipe.epochs=1",
         "data.num_workers=0", "review.screenshot=false"]
@@ -78,6 +78,36 @@ def test_parallel_fold_jobs_and_a_merge_write_the_one_process_file(tiny_manifest
     assert len(listed) == 3 and all(", fold " in line for line in listed)
 
 
+@pytest.mark.slow
+def test_an_oof_job_of_a_submitit_launcher_sends_its_folds_out_as_one_array_job(tiny_manifest, tmp_path):
+    """`cleanloop oof -m hydra/launcher=submitit_local` (oof.fan_out=auto): the job submits its two folds as one
+    batch of the same launcher (real submitit tasks: pickled calls, a process each; on SLURM the batch is an
+    array job), waits, and writes the file a one-process run writes; each fold run is nested under the job's
+    oof run."""
+    from cleanloop.steps import oof
+
+    args = [f"data.manifest={tiny_manifest}", *FAST, "oof.n_folds=2", "audit.enabled=false"]
+    sweep = tmp_path / "sweep"
+    r = run_cli("oof", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                f"hydra.sweep.dir={sweep}", *args, f"paths.root_dir={tmp_path}", "tracking.experiment=test",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (folds_dir,) = (sweep / ".submitit").glob("oof-folds-*")
+    tasks = sorted(p.name for p in folds_dir.rglob("*_submitted.pkl"))
+    assert len(tasks) == 2, tasks  # one batch of two tasks (submitit's local executor: a process each)
+    job_log = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.*"))
+    assert "oof: 2 fold(s) sent to this multirun's launcher as one batch" in job_log
+    written = pd.read_parquet(sweep / "0" / "oof" / "oof_probs.parquet")
+    reference = pd.read_parquet(oof.run(make_cfg(tmp_path / "one", *args))["path"])
+    pd.testing.assert_frame_equal(written, reference, check_exact=False, atol=1e-6, rtol=0)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    folds = runs[runs["tags.cleanloop.step"] == "oof-fold"]
+    (oof_run,) = runs.loc[runs["tags.cleanloop.step"] == "oof", "run_id"]
+    assert sorted(folds["tags.cleanloop.fold"]) == ["0", "1"] and set(folds["tags.mlflow.parentRunId"]) == {oof_run}
+    assert set(runs["status"]) == {"FINISHED"}
+
+
 def test_merge_names_missing_folds_and_a_failed_oof_resumes_from_its_fold_entries(tiny_manifest, tmp_path, capsys,
                                                                                    monkeypatch):
     """A fold that fails leaves the finished folds as entries of their own; `oof.merge=true` names the missing
@@ -123,6 +153,9 @@ def test_merge_names_missing_folds_and_a_failed_oof_resumes_from_its_fold_entrie
     (["oof.folds=[0]", "oof.merge=true"], "oof.folds=[0] with oof.merge=true: choose one"),
     (["oof.merge=true", "paths.reuse_steps=false"], "oof.merge=true with paths.reuse_steps=false"),
     (["oof=embed", "oof.n_folds=2", "oof.folds=[0]"], "oof.folds=[0]: fold jobs and merging split oof=kfold's"),
+    (["oof.fan_out=true"], "oof.fan_out=true: this run is not a job of a submitit launcher"),
+    (["oof.fan_out=maybe"], "oof.fan_out='maybe': choose auto, true or false"),
+    (["trainer.jobs=many"], "trainer.jobs='many': give a whole number >= 1, or auto"),
 ])
 def test_bad_fold_choices_are_one_line(tiny_manifest, tmp_path, capsys, overrides, message):
     code, err = run_main(capsys, "oof", f"data.manifest={tiny_manifest}", *FAST, "oof.n_folds=2",

@@ -31,8 +31,8 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, ListConfig, open_dict
 
+from cleanloop import fanout, parallel
 from cleanloop import lineage as lineage_mod
-from cleanloop import parallel
 from cleanloop.config import file_hash
 from cleanloop.errors import CleanloopError
 from cleanloop.folds import FoldGroups, assign_folds, fold_groups
@@ -282,6 +282,18 @@ def _folds_side_by_side(cfg: DictConfig, jobs: list[FoldJob], fold_columns: list
     n_jobs = parallel.jobs(cfg)
     cache = step_cache(cfg)
     todo = [job for job in jobs if forced or cache.find(FOLD_STEP, job.key) is None]
+    if todo and fanout.wanted(cfg):  # a job of -m hydra/launcher=slurm|submitit_local: one array job of folds
+        from hydra.core.hydra_config import HydraConfig
+
+        folder = Path(HydraConfig.get().sweep.dir) / ".submitit" / f"oof-folds-{todo[0].key[:12]}"
+        ex = fanout.executor("cleanloop-oof-folds", folder)
+        log.info("oof: %d fold(s) sent to this multirun's launcher as one batch (a SLURM array job under "
+                 "hydra/launcher=slurm; oof.fan_out; logs in %s)", len(todo), folder)
+        parent = mlflow.active_run().info.run_id
+        units = [(job.name, functools.partial(_fold_in_job, job, train, labels, classes,
+                                              fold_columns[job.repeat] == job.fold, forced=forced,
+                                              parent_run_id=parent)) for job in todo]
+        return fanout.run(units, ex)
     if n_jobs < 2 or len(todo) < 2:
         return {}
     log.info("oof: training %d folds %d at a time (trainer.jobs=%s, %d thread(s) each)", len(todo), n_jobs,
@@ -291,8 +303,20 @@ def _folds_side_by_side(cfg: DictConfig, jobs: list[FoldJob], fold_columns: list
     return {name: got for name, (got, _) in parallel.run(units, n_jobs).items()}
 
 
+def _fold_in_job(job: FoldJob, train: pd.DataFrame, labels: np.ndarray, classes: list[str], held: np.ndarray, *,
+                 forced: bool, parent_run_id: str) -> tuple[np.ndarray, str] | None:
+    """:func:`_fold` as a task of an array job (oof.fan_out): a fresh process, pointed at the step's MLflow
+    store, its fold run nested under the step's run by id."""
+    from cleanloop.config import register_resolvers
+    from cleanloop.tracking import setup
+
+    register_resolvers()  # the pickled config's own interpolations (cl.*)
+    setup(job.cfg.tracking)
+    return _fold(job, train, labels, classes, held, forced=forced, parent_run_id=parent_run_id)
+
+
 def _fold(job: FoldJob, train: pd.DataFrame, labels: np.ndarray, classes: list[str], held: np.ndarray, *,
-          forced: bool, may_train: bool = True) -> tuple[np.ndarray, str] | None:
+          forced: bool, may_train: bool = True, parent_run_id: str | None = None) -> tuple[np.ndarray, str] | None:
     """One fold's held-out probabilities and run id from its entry, trained into it first when not finished
     (or ``forced``); None when it is not finished and ``may_train`` is off.
 
@@ -310,7 +334,7 @@ def _fold(job: FoldJob, train: pd.DataFrame, labels: np.ndarray, classes: list[s
         else:
             def build(out_dir: Path) -> dict:
                 t0 = time.time()
-                with mlflow.start_run(run_name=f"oof-fold-{job.name}", nested=True,
+                with mlflow.start_run(run_name=f"oof-fold-{job.name}", nested=True, parent_run_id=parent_run_id,
                                       tags={"cleanloop.step": "oof-fold", "cleanloop.fold": str(k),
                                             "cleanloop.fold_key": job.key}) as run:
                     _, preds = fit_predict(cfg, classes, train[~held], predict_frames={"heldout": train[held]},
