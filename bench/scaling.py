@@ -359,8 +359,10 @@ def page(a: argparse.Namespace, argv: list[str]) -> str:
     beside = max(w.repeats * one["fold"], w.seeds * one["baseline"]) + w.seeds * one["cleaned"]
     say(f"- The SLURM array rows run the {w.folds} folds as {w.folds} jobs at once (OOF wall = one fold; "
         "the OOF is merged when all are done), then the retrains in one job of the same size: "
-        "`cleanloop oof -m 'oof.folds=[0],[1],...' hydra/launcher=slurm`, then `cleanloop cycle` (README "
-        "\"Folds as parallel jobs\"). Projected from the per-image costs; no cluster run measured it.")
+        "`cleanloop cycle -m hydra/launcher=slurm` sends its folds out as one array job and goes on with the "
+        "retrains when they are done (`oof.fan_out=auto`), or `cleanloop oof -m 'oof.folds=[0],[1],...' "
+        "hydra/launcher=slurm`, then `cleanloop cycle` (README \"Folds as parallel jobs\"). Projected from "
+        "the per-image costs; no cluster run measured it.")
     say(f"- The baseline needs no OOF: run as a job of its own beside the fold jobs (`cleanloop train "
         f"role=baseline`, built), the {w.folds} x {arr[0].gpus}-GPU array would finish in {fmt_h(beside)} h "
         f"instead of {fmt_h(one['total'])} h (e={eff}), with one more job.")
@@ -455,12 +457,13 @@ def page(a: argparse.Namespace, argv: list[str]) -> str:
     say("    hydra.launcher.gpus_per_node=8 trainer=ddp trainer.devices=8 data.cache=true ...")
     say("```")
     say("")
-    say("What SLURM parallelises today is the sweep: `-m ... recipe.seed=0,1,2` or "
+    say("Under SLURM a sweep `-m ... recipe.seed=0,1,2` or "
         "`flag.filter_by=both,confident_learning` gives one job per value (at most "
-        "`hydra.launcher.array_parallelism` at once), and each job runs its whole cycle, folds one after "
-        "another, at the wall time of its GPU count above; the fold-array rows are a fold multirun "
-        "(`oof.folds=[i]` per job) before the cycle. For parallel jobs point `tracking.uri` at an MLflow server (README: SQLite serialises "
-        "every write).")
+        "`hydra.launcher.array_parallelism` at once), and each job sends its folds out as an array of its "
+        "own with the job's resources (`oof.fan_out=auto`; with `oof.fan_out=false` it trains them one after "
+        "another, at the wall time of its GPU count above); the fold-array rows are that, or a fold multirun "
+        "(`oof.folds=[i]` per job) before the cycle. For parallel jobs point `tracking.uri` at an MLflow "
+        "server (README: SQLite serialises every write).")
     limit = slurm_timeout_min()
     if limit:
         fits = [lay for lay in layouts(w.folds) if not lay.array

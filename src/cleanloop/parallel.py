@@ -163,13 +163,12 @@ class _Child:
         except Exception:  # noqa: BLE001 - nothing (or half) was written: the child died
             how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                    else f"exit status {os.WEXITSTATUS(status)}")
-            raise CleanloopError(f"{self.name}: its worker process ended without a result ({how}); run with "
-                                 "trainer.jobs=1 to train it in this process") from None
+            raise CleanloopError(f"{self.name}: its worker process ended without a result ({how})") from None
         if kind == "ok":
             return value, seconds
         if kind == "user":
             raise CleanloopError(value)
-        raise RuntimeError(f"{self.name} failed in its worker process (trainer.jobs):\n{value}")
+        raise RuntimeError(f"{self.name} failed in its worker process:\n{value}")
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM (the child cleans up as after Ctrl-C: no half-built entry stays, its runs end KILLED),
