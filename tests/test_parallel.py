@@ -65,7 +65,9 @@ def test_jobs_and_threads_come_from_the_config(cfg_factory):
         torch.set_num_threads(before)
 
 
-def test_units_run_side_by_side_and_hand_back_their_results_in_order(tmp_path):
+def test_units_run_side_by_side_and_hand_back_their_results_in_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(None)  # no store chosen: a worker must not make MLflow's default ./mlflow.db
     # each unit waits for the other's file: run one after another, the first would time out
     def unit(me: str, other: str):
         (tmp_path / me).touch()
@@ -82,6 +84,7 @@ def test_units_run_side_by_side_and_hand_back_their_results_in_order(tmp_path):
     turns = parallel.run([(str(i), lambda i=i: (tmp_path / f"t{i}").touch() or sorted(
         p.name for p in tmp_path.glob("t*"))) for i in range(3)], 1)
     assert [v for v, _ in turns.values()] == [["t0"], ["t0", "t1"], ["t0", "t1", "t2"]]
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_a_failing_unit_stops_the_others_and_its_error_is_raised_here(tmp_path):

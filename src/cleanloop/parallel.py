@@ -265,6 +265,8 @@ def _fresh_mlflow_connections() -> None:
         return
     import mlflow
 
+    if not mlflow.is_tracking_uri_set():  # no store chosen: nothing opened (and none to create here, e.g.
+        return  # MLflow's default ./mlflow.db)
     try:
         store = mlflow.MlflowClient()._tracking_client.store  # the parent's, cached by URI
     except Exception:  # noqa: BLE001 - a store that cannot be built here fails where it is used
