@@ -162,3 +162,40 @@ def test_bad_fold_choices_are_one_line(tiny_manifest, tmp_path, capsys, override
                          f"paths.root_dir={tmp_path}", *overrides)
     assert code == 1 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not fold_markers(tmp_path)
+
+
+def test_fan_out_only_in_a_submitit_launchers_job_that_is_not_a_fold_job(tmp_path):
+    """oof.fan_out=auto: a job of `-m hydra/launcher=submitit_local|slurm` sends its folds out; a plain run, a
+    basic-launcher multirun and a fold job (`oof.folds`, already one task of a fan-out) train their own."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from cleanloop import fanout
+    from cleanloop.config import conf_dir
+
+    def as_job(*overrides: str, mode: RunMode = RunMode.MULTIRUN):
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.mode = mode
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    before = HydraConfig.instance().cfg
+    try:
+        assert fanout.wanted(as_job("hydra/launcher=submitit_local")) is True
+        assert fanout.wanted(as_job("hydra/launcher=slurm")) is True
+        assert fanout.wanted(as_job("hydra/launcher=submitit_local", "oof.folds=[0]")) is False
+        assert fanout.wanted(as_job("hydra/launcher=submitit_local", "oof.fan_out=false")) is False
+        assert fanout.wanted(as_job("hydra/launcher=submitit_local", mode=RunMode.RUN)) is False
+        assert fanout.wanted(as_job()) is False  # the basic launcher
+        assert fanout.executor("x", tmp_path) is None  # the basic launcher: no executor
+        # the launcher's resources, mapped as hydra-submitit-launcher maps them (a SLURM executor needs srun)
+        as_job("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=7", "hydra.launcher.cpus_per_task=3")
+        ex = fanout.executor("cleanloop-oof-folds", tmp_path)
+        assert ex.cluster == "local"
+        assert ex._executor.parameters["timeout_min"] == 7 and ex._executor.parameters["cpus_per_task"] == 3
+    finally:
+        HydraConfig.instance().cfg = before

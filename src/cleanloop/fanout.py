@@ -28,7 +28,8 @@ _SUBMITIT = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
 
 
 def wanted(cfg: DictConfig) -> bool:
-    """``oof.fan_out``: ``auto`` = when this process is a job of a submitit launcher; true / false force."""
+    """``oof.fan_out``: ``auto`` = when this process is a job of a submitit launcher and not itself a fold job
+    (``oof.folds``: one task of a fan-out already); true / false force."""
     value = cfg.oof.get("fan_out", "auto")
     if isinstance(value, bool):
         if value and launcher() is None:
@@ -37,7 +38,7 @@ def wanted(cfg: DictConfig) -> bool:
         return value
     if str(value) != "auto":
         raise CleanloopError(f"oof.fan_out={value!r}: choose auto, true or false")
-    return launcher() is not None
+    return launcher() is not None and cfg.oof.get("folds") is None
 
 
 def launcher() -> DictConfig | None:
