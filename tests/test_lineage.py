@@ -282,8 +282,10 @@ def test_changed_image_bytes_recompute_oof_and_say_why(manifest, tmp_path):
 @pytest.mark.slow
 def test_forced_rebuild_retrains_every_fold_and_a_kill_leaves_no_mix(manifest, tmp_path):
     """(d) paths.reuse_steps=false retrains every fold; (e) SIGKILL once it has trained one: the entry
-    is left unmarked (never marked beside a mix), and the next run finishes the new entry whole."""
-    args = cli_args(tmp_path, manifest, "oof.n_folds=3")
+    is left unmarked (never marked beside a mix), and the next run finishes the new entry whole.
+    trainer.jobs=1: folds one after another, so exactly one is finished when the kill lands (side by side,
+    the second may finish too; tests/test_oof_flag_prune.py's kill test takes whatever finished)."""
+    args = cli_args(tmp_path, manifest, "oof.n_folds=3", "trainer.jobs=1")
     first = run_cli("oof", *args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     (entry,) = oof_entries(tmp_path)
