@@ -142,7 +142,9 @@ def test_prefetched_search_is_taken_only_for_its_own_rows_and_settings(tmp_path,
         columns=list(pure.PAIR_COLUMNS)))
     audit.run(third)
     assert calls == [1] and len(audit._prefetched) == 1  # searched in the step; other's search untaken
-    audit._prefetched.clear()
+    (untaken,) = audit._prefetched.values()
+    audit.drop_prefetched()  # what `cleanloop cycle` does on its way out: the untaken search is stopped
+    assert audit._prefetched == {} and not Path(f"/proc/{untaken.pid}").exists()
 
 
 def _digit_copies(root: Path) -> Path:

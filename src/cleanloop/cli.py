@@ -116,6 +116,11 @@ def run_step(step: str, cfg):
         logging.getLogger("cleanloop").debug("error", exc_info=True)
         print(f"cleanloop {step}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    finally:
+        if step == "cycle":  # a search the cycle never took (it failed first) ends with it
+            from cleanloop.steps.audit import drop_prefetched
+
+            drop_prefetched()
 
 
 def main(argv: list[str] | None = None) -> None:

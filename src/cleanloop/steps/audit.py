@@ -186,6 +186,13 @@ def prefetch(cfg: DictConfig) -> bool:
     return True
 
 
+def drop_prefetched() -> None:
+    """Stop the searches :func:`prefetch` started that no step took (a cycle that failed before its audit)."""
+    while _prefetched:
+        _, child = _prefetched.popitem()
+        child.stop()
+
+
 def run(cfg: DictConfig) -> dict:
     """Audit the input manifest for copies (cached by key); returns the audit summary with ``run_id``."""
     m = load_input(cfg)
