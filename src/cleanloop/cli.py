@@ -86,10 +86,11 @@ def settle_heap() -> None:
     """After the step's imports: the objects they made leave the garbage collector's view for good.
 
     :func:`main` switches the collector off while torch, Lightning, transformers and MLflow load
-    (about a million objects, none of them garbage to speak of): its full passes over them cost 2-3 s
-    of the imports, 2-3 s more during a cycle and again at exit (bench/RESULTS.md B5). ``gc.freeze``
-    moves them to the permanent generation, which later passes skip; the collector then runs as
-    usual on what the step makes. Done once per process: a multirun's later jobs collect normally.
+    (hundreds of thousands of objects, almost none of them garbage): its full passes over them cost
+    seconds on a small machine, during the imports, during a cycle and again at interpreter exit.
+    ``gc.freeze`` moves them to the permanent generation, which later passes skip; the collector then
+    runs as usual on what the step makes. Done once per process: a multirun's later jobs collect
+    normally. The cycle's wall time with it is bench/RESULTS.md B5.
     """
     global _settled
     if not _settled:

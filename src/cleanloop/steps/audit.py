@@ -164,10 +164,10 @@ def _search_id(rows: pd.DataFrame, args: dict, inputs: dict) -> str:
 def prefetch(cfg: DictConfig) -> bool:
     """Start this config's duplicate search in a forked process; True if one was started.
 
-    ``cycle`` calls it before it loads torch, Lightning and transformers (about 11 s of imports on
-    this project's 2-core machine, bench/RESULTS.md B5): the search (about 8 s on the demo, mostly
-    the pixel check of the perceptual-hash candidates) runs on another core beside the imports, in a
-    process of its own (a thread would share the interpreter lock with the imports), and :func:`run`
+    ``cycle`` calls it before it loads torch, Lightning and transformers (seconds of imports): the
+    search (mostly the pixel check of the perceptual-hash candidates; bench/RESULTS.md B8 times it on
+    the demo with copies injected) runs on another core beside the imports, in a process of its own
+    (a thread would share the interpreter lock with the imports), and :func:`run`
     takes its result for the same rows and settings. Nothing is started when the audit is off or its
     cache entry is finished (it will be reused). The fork happens before torch loads, so the child
     shares no thread pool with the parent (cleanloop.parallel).
