@@ -264,6 +264,22 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) 
         return subprocess.CompletedProcess(proc.args, code, out.read_text(), err.read_text())
 
 
+def fail_nth_fit(monkeypatch, module, n: int, error: BaseException) -> list:
+    """Patch ``module.fit_predict`` so that its ``n``-th call raises ``error`` (as a CUDA error or a kill
+    would, mid-build) and the others train; returns the list that counts the calls. The calls happen
+    in this process only: give the step trainer.jobs=1 (forked workers count in copies of the list)."""
+    real, calls = module.fit_predict, []
+
+    def patched(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "fit_predict", patched)
+    return calls
+
+
 def run_main(capsys, *args: str) -> tuple[int, str]:
     """The real CLI entry point, in-process: (exit code, stderr)."""
     from cleanloop import cli

@@ -14,7 +14,7 @@ import pytest
 
 from cleanloop.cache import DONE
 
-from conftest import ForkedCli, make_cfg, run_cli, run_main
+from conftest import ForkedCli, fail_nth_fit, make_cfg, run_cli, run_main
 
 FAST = ["data=manifest", "model=tiny", "model.image_size=16", "model.config.image_size=16", "recipe.epochs=1",
         "data.num_workers=0", "review.screenshot=false"]
@@ -117,15 +117,7 @@ def test_merge_names_missing_folds_and_a_failed_oof_resumes_from_its_fold_entrie
     # trainer.jobs=1: the folds train in this process, where the patched fit_predict counts them
     args = [f"data.manifest={tiny_manifest}", *FAST, "oof.n_folds=2", f"paths.root_dir={tmp_path}",
             "tracking.experiment=test", "trainer.jobs=1"]
-    real, calls = oof.fit_predict, []
-
-    def second_fold_fails(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("CUDA error: out of memory")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(oof, "fit_predict", second_fold_fails)
+    calls = fail_nth_fit(monkeypatch, oof, 2, RuntimeError("CUDA error: out of memory"))
     with pytest.raises(RuntimeError, match="out of memory"):
         oof.run(make_cfg(tmp_path, *args))
     first = fold_markers(tmp_path)

@@ -20,7 +20,7 @@ from cleanloop import lineage
 from cleanloop.cache import DONE
 from cleanloop.lineage import LINEAGE_FILE
 
-from conftest import ForkedCli, make_cfg, run_cli, tiny_rows
+from conftest import ForkedCli, fail_nth_fit, make_cfg, run_cli, tiny_rows
 
 FAST = ["model=tiny", "model.image_size=16", "model.config.image_size=16", "recipe.epochs=1", "oof.n_folds=2",
         "compare.seeds=1", "review.screenshot=false", "data.num_workers=0"]
@@ -173,15 +173,8 @@ def test_forced_rebuild_killed_at_any_point_leaves_a_whole_entry(manifest, tmp_p
     forced = cfg_for(tmp_path, manifest, "paths.reuse_steps=false", "trainer.jobs=1")
 
     caplog.clear()
-    real, calls = oof.fit_predict, []
-
-    def dies_at_second_fold(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # as a kill would, mid-build
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(oof, "fit_predict", dies_at_second_fold)
+    real = oof.fit_predict
+    fail_nth_fit(monkeypatch, oof, 2, KeyboardInterrupt())  # as a kill would, mid-build
     with pytest.raises(KeyboardInterrupt):
         oof.run(forced)
     monkeypatch.setattr(oof, "fit_predict", real)

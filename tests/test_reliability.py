@@ -146,20 +146,12 @@ def test_a_failed_fold_fails_the_step_and_publishes_no_oof(tiny_manifest, tmp_pa
 
     from cleanloop.steps import oof
 
-    from conftest import make_cfg
+    from conftest import fail_nth_fit, make_cfg
 
     cfg = make_cfg(tmp_path, "data=manifest", f"data.manifest={tiny_manifest}", "data.num_workers=0",
                    "recipe.epochs=1", "oof.n_folds=2", "model=tiny", "model.image_size=16", "model.config.image_size=16",
                    "trainer.jobs=1")  # the folds in this process, where the patch below counts them
-    real, calls = oof.fit_predict, []
-
-    def second_fold_fails(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(oof, "fit_predict", second_fold_fails)
+    calls = fail_nth_fit(monkeypatch, oof, 2, RuntimeError("CUDA error: an illegal memory access was encountered"))
     with pytest.raises(RuntimeError, match="illegal memory access"):
         oof.run(cfg)
     assert len(calls) == 2

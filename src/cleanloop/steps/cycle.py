@@ -83,8 +83,8 @@ def run(cfg: DictConfig) -> dict:
         # the first pair publishes to train/<role>/, the others to train/<role>/seed-<s>/.
         seeds = [int(cfg.recipe.seed) + i for i in range(max(1, int(cfg.compare.get("seeds", 1))))]
         trainings = []
-        for i, seed in enumerate(seeds):
-            suffix = "" if i == 0 else f"-seed{seed}"
+        suffixes = ["" if i == 0 else f"-seed{seed}" for i, seed in enumerate(seeds)]
+        for i, (seed, suffix) in enumerate(zip(seeds, suffixes, strict=True)):
             for role in ("baseline", "cleaned"):
                 rcfg = _with(cfg, role=role, **{"recipe.seed": seed, "cleaned_manifest": prune_info["path"]})
                 publish = None if i == 0 else out_path(cfg, "train", role, f"seed-{seed}")
@@ -100,8 +100,7 @@ def run(cfg: DictConfig) -> dict:
                 step(name, lambda info=info: info, seconds)
             else:
                 step(name, fn)
-        pairs = [(run_ids[f"train-baseline{s}"], run_ids[f"train-cleaned{s}"])
-                 for s in ["" if i == 0 else f"-seed{seed}" for i, seed in enumerate(seeds)]]
+        pairs = [(run_ids[f"train-baseline{s}"], run_ids[f"train-cleaned{s}"]) for s in suffixes]
         # the test rows, scored by the baselines just trained (their saved test probabilities, no inference)
         baselines = [Path(info["dir"]) / "test_predictions.parquet" for name, info in results.items()
                      if name.startswith("train-baseline")]
